@@ -176,7 +176,7 @@ stage_tsan() {
   configure_and_build build/ci-tsan "${sanitizer_build_args[@]}" \
     -DPROCPOOL_BUILD_TESTS=ON -DPROCPOOL_BUILD_EXAMPLES=OFF \
     -DPROCPOOL_SANITIZE=thread "-DPROCPOOL_TEST_FILTER=$tsan_filter" || return 0
-  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1${TSAN_OPTIONS:+:$TSAN_OPTIONS}" \
+  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/tsan.supp${TSAN_OPTIONS:+:$TSAN_OPTIONS}" \
     run_ctest build/ci-tsan
 }
 

@@ -3,8 +3,11 @@
 /// Everything in procpool: `#include <procpool/procpool.hpp>`.
 /// Each part also has its own header, for code that wants only that part.
 
+#include "async_result.hpp"
 #include "connection.hpp"
 #include "errors.hpp"
+#include "pool.hpp"
 #include "process.hpp"
 #include "serialize.hpp"
+#include "thread_pool.hpp"
 #include "version.hpp"
