@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "support/interrupt.hpp"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -161,83 +163,7 @@ bool no_child_processes() {
   return r == -1 && errno == ECHILD;
 }
 
-// Spins (yielding) until `pid`'s main thread is asleep in the kernel, i.e. blocked in a system
-// call. Gives up after 20 s (a watchdog) and returns false.
-bool wait_until_sleeping(pid_t pid) {
-  std::string path = "/proc/" + std::to_string(pid) + "/stat";
-  auto give_up = Clock::now() + 20s;
-  while (Clock::now() < give_up) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return false;
-    char buf[512];
-    ssize_t n = ::read(fd, buf, sizeof buf - 1);
-    ::close(fd);
-    if (n <= 0) return false;
-    buf[n] = '\0';
-    const char* paren = std::strrchr(buf, ')');
-    if (paren && paren[1] == ' ' && paren[2] == 'S') return true;
-    ::sched_yield();
-  }
-  return false;
-}
-
-// A SIGUSR1 handler installed WITHOUT SA_RESTART, so every blocking call it interrupts fails
-// with EINTR. Each delivery is counted and acknowledged with one byte on a socket, so the
-// sender knows the handler ran before it sends the next one.
-volatile sig_atomic_t g_signals_handled = 0;
-int g_ack_fd = -1;
-
-extern "C" void count_and_ack(int) {
-  int saved = errno;
-  g_signals_handled = g_signals_handled + 1;
-  char c = 'a';
-  (void)::send(g_ack_fd, &c, 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-  errno = saved;
-}
-
-class InterruptingSignal {
- public:
-  InterruptingSignal() {
-    int sv[2];
-    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
-    ack_read_ = sv[0];
-    g_ack_fd = sv[1];
-    g_signals_handled = 0;
-    struct sigaction sa {};
-    sa.sa_handler = count_and_ack;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = 0;  // no SA_RESTART: the kernel returns EINTR
-    REQUIRE(::sigaction(SIGUSR1, &sa, &old_) == 0);
-  }
-  ~InterruptingSignal() {
-    ::sigaction(SIGUSR1, &old_, nullptr);
-    ::close(g_ack_fd);
-    ::close(ack_read_);
-    g_ack_fd = -1;
-  }
-  InterruptingSignal(const InterruptingSignal&) = delete;
-  InterruptingSignal& operator=(const InterruptingSignal&) = delete;
-
-  /// In a child: sends `count` SIGUSR1 to `target`, each only once `target` is blocked in a
-  /// system call, and each after the previous one was handled. Returns false on a failure.
-  bool interrupt(pid_t target, int count) const {
-    for (int i = 0; i < count; ++i) {
-      if (!wait_until_sleeping(target)) return false;
-      if (::kill(target, SIGUSR1) != 0) return false;
-      char c;
-      ssize_t n;
-      do {
-        n = ::recv(ack_read_, &c, 1, 0);
-      } while (n < 0 && errno == EINTR);
-      if (n != 1) return false;
-    }
-    return true;
-  }
-
- private:
-  int ack_read_ = -1;
-  struct sigaction old_ {};
-};
+using namespace test_support;  // wait_until_sleeping, InterruptingSignal
 
 struct Point {
   int x = 0;
