@@ -376,8 +376,15 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
   void dispatch() {
     // While a worker is starting, no worker gets a second chunk: it would wait behind the first
     // one (maybe a long task) while the new worker, ready a moment later, sits idle.
-    bool starting = std::any_of(workers_.begin(), workers_.end(),
-                                [](const Worker& w) { return w.state == WorkerState::spawning; });
+    // A worker being killed (cancel, timeout) or retiring (max_tasks_per_child) is about to be
+    // replaced, so it counts as starting, and gets nothing more.
+    auto leaving = [&](const Worker& w) {
+      return w.kill != KillReason::none ||
+             (cfg_.max_tasks_per_child && w.tasks_sent >= cfg_.max_tasks_per_child);
+    };
+    bool starting = std::any_of(workers_.begin(), workers_.end(), [&](const Worker& w) {
+      return w.state == WorkerState::spawning || (w.state == WorkerState::ready && leaving(w));
+    });
     std::size_t room = starting ? 1 : depth;
     while (!pending_.empty()) {
       // Least loaded first; ties go round-robin, so sequential tasks visit every worker.
@@ -386,8 +393,7 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
       for (std::size_t k = 0; k < workers_.size(); ++k) {
         Worker& w = workers_[(rotate_ + k) % workers_.size()];
         if (w.state != WorkerState::ready) continue;
-        if (w.in_flight.size() >= room) continue;
-        if (cfg_.max_tasks_per_child && w.tasks_sent >= cfg_.max_tasks_per_child) continue;
+        if (w.in_flight.size() >= room || leaving(w)) continue;
         if (!best || w.in_flight.size() < best->in_flight.size()) best = &w;
       }
       if (!best) return;
