@@ -29,7 +29,9 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+#include "support/children.hpp"
 
+using test_support::no_child_processes;
 // Every test here uses real processes (fork) and real sockets. Children run plain code, never
 // Catch assertions: they report through their exit status, which the parent checks. Nothing
 // sleeps to let things happen: children and parent wait on each other's messages, and timeouts
@@ -156,12 +158,6 @@ class Child {
   pid_t pid_ = -1;
 };
 
-// True when this process has no child at all, running or zombie (nothing was left unreaped).
-bool no_child_processes() {
-  siginfo_t info{};
-  int r = ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT);
-  return r == -1 && errno == ECHILD;
-}
 
 using namespace test_support;  // wait_until_sleeping, InterruptingSignal
 

@@ -38,7 +38,9 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include "support/children.hpp"
 
+using test_support::no_child_processes;
 // The resilience tests of Pool (issue 4): workers that die, hang, are cancelled or cannot start;
 // a program that dies; signals; descriptors and children; and a fault-injection soak.
 //
@@ -261,11 +263,6 @@ class SharedCounter {
   std::atomic<int>* value_ = nullptr;
 };
 
-// True when this process has no child at all, running or zombie (nothing was left unreaped).
-bool no_child_processes() {
-  siginfo_t info{};
-  return ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == -1 && errno == ECHILD;
-}
 
 // The text of a /proc file, or "" if it cannot be read. Not an ifstream: a process that exits
 // while its file is read makes read() fail with ESRCH, which libstdc++'s filebuf throws.

@@ -38,7 +38,9 @@
 #include <typeinfo>
 #include <utility>
 #include <vector>
+#include "support/children.hpp"
 
+using test_support::no_child_processes;
 // The behaviour tests of Pool (issue 3), with real workers.
 //
 // What makes sense for a ThreadPool too (results and their order, input errors, timeouts,
@@ -258,11 +260,6 @@ class StderrCapture {
   int read_ = -1;
 };
 
-// True when this process has no child at all, running or zombie (nothing was left unreaped).
-bool no_child_processes() {
-  siginfo_t info{};
-  return ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == -1 && errno == ECHILD;
-}
 
 // True when no process with this pid exists any more, not even as a zombie.
 bool process_is_gone(pid_t pid) { return ::kill(pid, 0) == -1 && errno == ESRCH; }

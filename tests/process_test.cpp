@@ -31,7 +31,10 @@
 #include <thread>
 #include <utility>
 #include <vector>
+#include "support/children.hpp"
 
+using test_support::no_child_processes;
+using test_support::KillIfRunning;
 // Every test here starts real processes and synchronizes with them through pipes: a child
 // says "ready" before the parent acts on it, and is released by a message. Timeouts are only
 // watchdogs. Each test checks at its end that no child process is left, running or zombie.
@@ -41,12 +44,6 @@ namespace {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-// True when this process has no child at all, running or zombie (nothing was left unreaped).
-bool no_child_processes() {
-  siginfo_t info{};
-  int r = ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT);
-  return r == -1 && errno == ECHILD;
-}
 
 // True when no process with this pid exists any more, not even as a zombie.
 bool process_is_gone(pid_t pid) { return ::kill(pid, 0) == -1 && errno == ESRCH; }
@@ -163,29 +160,6 @@ auto ready_then_wait(procpool::Connection& conn) {
   };
 }
 
-// Kills children still running when a failed REQUIRE leaves a test early, so that ~Process
-// (which joins) does not wait forever for a child that is waiting for the test. Declared after
-// the Processes it guards, so it runs first.
-class KillIfRunning {
- public:
-  KillIfRunning(std::initializer_list<procpool::Process*> ps) : ps_(ps) {}
-  explicit KillIfRunning(std::vector<procpool::Process>& ps) {
-    for (auto& p : ps) ps_.push_back(&p);
-  }
-  KillIfRunning(const KillIfRunning&) = delete;
-  KillIfRunning& operator=(const KillIfRunning&) = delete;
-  ~KillIfRunning() {
-    for (auto* p : ps_) {
-      try {
-        if (p->is_alive()) p->kill();
-      } catch (...) {
-      }
-    }
-  }
-
- private:
-  std::vector<procpool::Process*> ps_;
-};
 
 struct CustomError : std::logic_error {
   using std::logic_error::logic_error;
