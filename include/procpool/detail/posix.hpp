@@ -99,6 +99,17 @@ class Deadline {
         std::chrono::duration_cast<std::chrono::nanoseconds>(left - secs).count());
     return &storage;
   }
+  /// The deadline as an absolute CLOCK_MONOTONIC time (what steady_clock reads on Linux) for
+  /// futex and pthread clock waits, or nullptr for never.
+  const timespec* as_monotonic_timespec(timespec& storage) const noexcept {
+    if (!at_) return nullptr;
+    auto since = at_->time_since_epoch();
+    auto secs = std::chrono::duration_cast<std::chrono::seconds>(since);
+    storage.tv_sec = static_cast<time_t>(secs.count());
+    storage.tv_nsec = static_cast<long>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(since - secs).count());
+    return &storage;
+  }
 
  private:
   std::optional<Clock::time_point> at_;
