@@ -137,4 +137,11 @@ class OwnerDiedError : public Error {
   using Error::Error;
 };
 
+/// A Manager request could not be served because the manager's server is gone: the Manager was
+/// shut down, its server was killed, or the program that started it exited.
+class ManagerError : public Error {
+ public:
+  using Error::Error;
+};
+
 }  // namespace procpool

@@ -6,6 +6,7 @@
 #include "async_result.hpp"
 #include "connection.hpp"
 #include "errors.hpp"
+#include "manager.hpp"
 #include "pool.hpp"
 #include "process.hpp"
 #include "queue.hpp"
