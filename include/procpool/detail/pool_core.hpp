@@ -119,7 +119,13 @@ struct PoolConfig {
 
 class PoolCore final : public ResultOwner, public std::enable_shared_from_this<PoolCore> {
  public:
-  static constexpr std::size_t depth = 2;  // chunks in flight per worker
+  // Chunks in flight per worker: at least 2 (one running, one waiting, so a worker never idles
+  // for a round trip); more while chunks are quick, up to about max_queued_ns of work queued
+  // per worker, so that tiny tasks travel many to a send and a result message. Long tasks keep
+  // the window at 2, so no worker hoards work another one could start.
+  static constexpr std::size_t min_depth = 2;
+  static constexpr std::size_t max_depth = 64;
+  static constexpr std::int64_t max_queued_ns = 1'000'000;
   static constexpr int max_startup_failures = 5;
 
   explicit PoolCore(PoolConfig cfg) : cfg_(std::move(cfg)) {
@@ -329,6 +335,7 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
     KillReason kill = KillReason::none;
     std::uint64_t kill_chunk = 0;
     std::uint32_t kill_item = 0;
+    std::int64_t front_since_ns = 0;  // when its first in-flight chunk became first
   };
 
   static constexpr std::uint64_t tag_wake = 1, tag_control = 2, tag_fs_exit = 3;
@@ -385,7 +392,7 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
     bool starting = std::any_of(workers_.begin(), workers_.end(), [&](const Worker& w) {
       return w.state == WorkerState::spawning || (w.state == WorkerState::ready && leaving(w));
     });
-    std::size_t room = starting ? 1 : depth;
+    std::size_t room = starting ? 1 : window();
     while (!pending_.empty()) {
       // Least loaded first; ties go round-robin, so sequential tasks visit every worker.
       Worker* best = nullptr;
@@ -396,36 +403,63 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
         if (w.in_flight.size() >= room || leaving(w)) continue;
         if (!best || w.in_flight.size() < best->in_flight.size()) best = &w;
       }
-      if (!best) return;
+      if (!best) break;
       std::unique_ptr<Chunk> c = std::move(pending_.front());
       pending_.pop_front();
       if (c->job->cancelled) continue;
       ++best->tasks_sent;
       Chunk* raw = c.get();
+      if (best->in_flight.empty()) best->front_since_ns = monotonic_ns();
       best->in_flight.push_back(std::move(c));
       send_to(*best, raw->msg.data(), raw->msg.size());
     }
+    for (auto& w : workers_) {
+      // A worker whose socket is full gets the rest when EPOLLOUT says there is room.
+      if (!w.out.empty() && !w.want_write) flush_out(w);
+    }
   }
 
+  std::size_t window() const noexcept {
+    if (chunk_ns_ < 0) return min_depth;
+    std::int64_t per = std::max<std::int64_t>(chunk_ns_, 1);
+    return static_cast<std::size_t>(std::clamp<std::int64_t>(
+        max_queued_ns / per, static_cast<std::int64_t>(min_depth),
+        static_cast<std::int64_t>(max_depth)));
+  }
+
+  // Queues a chunk for w; dispatch() sends what it queued when it is done choosing.
   void send_to(Worker& w, const std::byte* data, std::size_t size) {
     w.out.push_back({data, size, 0});
-    if (w.out.size() == 1) flush_out(w);
   }
 
   // Writes what is queued for w without blocking; the rest waits for EPOLLOUT.
+  // Chunks queued for one worker leave together, in one sendmsg.
   void flush_out(Worker& w) {
     while (!w.out.empty()) {
-      Outgoing& o = w.out.front();
-      ssize_t n = retry_eintr([&] {
-        return ::send(w.fd.get(), o.data + o.sent, o.size - o.sent, MSG_NOSIGNAL | MSG_DONTWAIT);
-      });
+      iovec iov[64];
+      std::size_t count = std::min<std::size_t>(w.out.size(), 64);
+      for (std::size_t i = 0; i < count; ++i) {
+        const Outgoing& o = w.out[i];
+        iov[i] = iovec{const_cast<std::byte*>(o.data + o.sent), o.size - o.sent};
+      }
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = count;
+      ssize_t n = retry_eintr(
+          [&] { return ::sendmsg(w.fd.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT); });
       if (n < 0) {
         if (errno == EAGAIN) break;
         w.out.clear();  // the worker is gone; its death re-queues what it held
         break;
       }
-      o.sent += static_cast<std::size_t>(n);
-      if (o.sent == o.size) w.out.pop_front();
+      auto sent = static_cast<std::size_t>(n);
+      while (sent > 0) {
+        Outgoing& o = w.out.front();
+        std::size_t take = std::min(sent, o.size - o.sent);
+        o.sent += take;
+        sent -= take;
+        if (o.sent == o.size) w.out.pop_front();
+      }
     }
     bool want = !w.out.empty();
     if (want != w.want_write && w.fd) {
@@ -658,6 +692,13 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
     if (c.received == c.count) {
       clear_cancel_flag(static_cast<std::size_t>(&w - workers_.data()), c.id);
       w.in_flight.pop_front();
+      // How long a chunk takes, roughly: the time it spent at the front of this worker's
+      // queue. Results that arrive together make some samples long and the rest zero; the
+      // average is right.
+      std::int64_t now = monotonic_ns();
+      std::int64_t took = now - w.front_since_ns;
+      w.front_since_ns = now;
+      chunk_ns_ = chunk_ns_ < 0 ? took : chunk_ns_ + (took - chunk_ns_) / 16;
     }
   }
 
@@ -703,15 +744,14 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
     std::uint32_t running_item = s.item.load();
     std::string how = "worker " + std::to_string(w.pid) + " died: " + describe_status(status);
 
+    // The running chunk need not be the first one held: a worker may keep the results of
+    // finished chunks back for a moment while it runs the next (ResultSink).
     std::deque<std::unique_ptr<Chunk>> requeue;
-    bool first = true;
     for (auto& cp : w.in_flight) {
       Chunk& c = *cp;
-      bool was_first = std::exchange(first, false);
       if (c.job->cancelled) continue;
       std::uint32_t from = c.received;
-      if (was_first && running_chunk == c.id && running_item >= c.received &&
-          running_item < c.count) {
+      if (running_chunk == c.id && running_item >= c.received && running_item < c.count) {
         std::exception_ptr e;
         if (w.kill == KillReason::timeout && w.kill_chunk == c.id && w.kill_item == running_item) {
           e = std::make_exception_ptr(TaskTimeoutError(
@@ -915,6 +955,7 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
   std::atomic<std::uint64_t> next_chunk_id_{0};
   std::uint32_t gen_ = 0;
   std::size_t rotate_ = 0;
+  std::int64_t chunk_ns_ = -1;  // moving average of how long a chunk takes; -1: unknown yet
   int consecutive_startup_failures_ = 0;
   int open_streams_ = 0;
   bool stop_feeding_ = false;

@@ -13,8 +13,10 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <mutex>
 #include <new>
 #include <span>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -23,6 +25,7 @@
 #include "../serialize.hpp"
 #include "io.hpp"
 #include "posix.hpp"
+#include "shared_region.hpp"
 #include "wire.hpp"
 
 namespace procpool::detail {
@@ -65,6 +68,130 @@ static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
 
 enum class ItemStatus : std::uint8_t { ok = 0, error = 1, cancelled = 2 };
 
+/// Where a worker's result messages go. The worker thread hands over whole messages; they are
+/// sent at once, or held back while the next chunk is already here (so a run of tiny chunks
+/// costs one send, not one per chunk). Held results never wait more than about flush_ns: a
+/// flusher thread sends them if the worker thread is still busy by then.
+class ResultSink {
+ public:
+  static constexpr std::int64_t flush_ns = 1'000'000;
+  static constexpr std::size_t flush_bytes = 64 * 1024;
+
+  explicit ResultSink(int fd) : fd_(fd) {}
+  ResultSink(const ResultSink&) = delete;
+  ResultSink& operator=(const ResultSink&) = delete;
+  ~ResultSink() { stop(); }
+
+  /// Sends `msgs` (complete messages) and anything held, now.
+  void send_now(ByteBuffer& msgs) {
+    std::lock_guard lock(mu_);
+    take(msgs);
+    send_held();
+  }
+
+  /// Takes `msgs` (complete messages, maybe none) at the end of a chunk. If `more_queued` (the
+  /// next chunk has already arrived) they may wait, briefly, to leave with the next ones.
+  void end_of_chunk(ByteBuffer& msgs, bool more_queued) {
+    std::lock_guard lock(mu_);
+    take(msgs);
+    if (held_.empty()) return;
+    std::int64_t now = monotonic_ns();
+    std::int64_t since = held_since_.load(std::memory_order_relaxed);
+    if (!more_queued || held_.size() >= flush_bytes || (since != 0 && now - since >= flush_ns)) {
+      send_held();
+      return;
+    }
+    if (since == 0) {
+      held_since_.store(now, std::memory_order_relaxed);
+      start_flusher();
+      held_flag_.store(1, std::memory_order_seq_cst);
+      futex_wake(&held_flag_);
+    }
+  }
+
+ private:
+  void take(ByteBuffer& msgs) {
+    if (msgs.empty()) return;
+    if (held_.empty()) {
+      std::swap(held_, msgs);
+    } else {
+      held_.append(msgs.data(), msgs.size());
+    }
+    msgs.clear();
+    msgs.shrink(std::size_t{1} << 20);
+  }
+
+  // mu_ held.
+  void send_held() {
+    held_since_.store(0, std::memory_order_relaxed);
+    held_flag_.store(0, std::memory_order_relaxed);
+    if (held_.empty()) return;
+    std::size_t size = held_.size();
+    held_.clear();
+    // The bytes stay valid: clear() only resets the size, and mu_ keeps others out.
+    send_all(fd_, held_.data(), size);
+    held_.shrink(std::size_t{1} << 20);
+  }
+
+  void start_flusher() {
+    if (flusher_.joinable()) return;
+    // Started on first need, so workers that never hold results never have a second thread.
+    // The worker was forked from the single-threaded fork server: creating a thread is safe.
+    flusher_ = std::thread([this] { flusher_main(); });
+  }
+
+  void flusher_main() noexcept {
+    for (;;) {
+      if (held_flag_.load(std::memory_order_seq_cst) == 0) {
+        if (stopping_.load()) return;
+        futex_wait_private(&held_flag_, 0, Deadline::never());
+        continue;
+      }
+      if (stopping_.load()) return;
+      std::int64_t since = held_since_.load(std::memory_order_relaxed);
+      std::int64_t left = since == 0 ? 0 : since + flush_ns - monotonic_ns();
+      if (left > 0) {
+        futex_wait_private(&held_flag_, 1, Deadline::after(std::chrono::nanoseconds(left)));
+        continue;
+      }
+      std::lock_guard lock(mu_);
+      std::int64_t s = held_since_.load(std::memory_order_relaxed);
+      if (s != 0 && monotonic_ns() - s >= flush_ns) {
+        try {
+          send_held();
+        } catch (...) {
+          // The parent is gone; the worker thread will find out too, and exit.
+          held_.clear();
+        }
+      }
+    }
+  }
+
+  void stop() noexcept {
+    if (!flusher_.joinable()) return;
+    stopping_.store(true);
+    held_flag_.store(2, std::memory_order_seq_cst);
+    futex_wake(&held_flag_);
+    flusher_.join();
+  }
+
+  static void futex_wait_private(std::atomic<std::uint32_t>* word, std::uint32_t expected,
+                                 const Deadline& deadline) noexcept {
+    try {
+      futex_wait(word, expected, deadline);
+    } catch (...) {
+    }
+  }
+
+  int fd_;
+  std::mutex mu_;
+  ByteBuffer held_;
+  std::atomic<std::int64_t> held_since_{0};
+  std::atomic<std::uint32_t> held_flag_{0};  // futex: 1 while results are held
+  std::atomic<bool> stopping_{false};
+  std::thread flusher_;
+};
+
 /// Everything a trampoline needs to run one chunk: the callable's bytes, the items, and where
 /// results go. Results are appended to one message per run of items and flushed at the end
 /// of the chunk, or earlier when they pile up (size) or age (time), so that the parent gets
@@ -72,14 +199,15 @@ enum class ItemStatus : std::uint8_t { ok = 0, error = 1, cancelled = 2 };
 class ChunkContext {
  public:
   ChunkContext(std::uint64_t chunk_id, std::span<const std::byte> state, ReadArchive items,
-               std::uint32_t count, WorkerSlot* slot, bool timed, int fd, ByteBuffer& out)
+               std::uint32_t count, WorkerSlot* slot, bool timed, ResultSink& sink,
+               ByteBuffer& out)
       : state_(state),
         items_(items),
         count_(count),
         chunk_id_(chunk_id),
         slot_(slot),
         timed_(timed),
-        fd_(fd),
+        sink_(sink),
         out_(out) {}
 
   std::uint32_t count() const noexcept { return count_; }
@@ -157,20 +285,25 @@ class ChunkContext {
     end_item();
   }
 
-  /// Writes the results gathered so far to the parent.
+  /// Writes the results gathered so far to the parent, now.
   void flush() {
     if (results_at_ == npos) return;
     close_message();
-    send_all(fd_, out_.data(), out_.size());
-    out_.clear();
-    out_.shrink(std::size_t{1} << 20);
+    sink_.send_now(out_);
     last_flush_ns_ = 0;
+  }
+
+  /// Ends the chunk: its results go to the sink, which may hold them briefly if the next chunk
+  /// has already arrived.
+  void finish(bool more_queued) {
+    if (results_at_ != npos) close_message();
+    sink_.end_of_chunk(out_, more_queued);
   }
 
  private:
   static constexpr std::size_t npos = static_cast<std::size_t>(-1);
-  static constexpr std::size_t flush_bytes = 64 * 1024;
-  static constexpr std::int64_t flush_ns = 1'000'000;
+  static constexpr std::size_t flush_bytes = ResultSink::flush_bytes;
+  static constexpr std::int64_t flush_ns = ResultSink::flush_ns;
 
   void open(std::uint32_t first) {
     results_at_ = out_.begin_message(Msg::results);
@@ -215,7 +348,7 @@ class ChunkContext {
   std::uint64_t chunk_id_;
   WorkerSlot* slot_;
   bool timed_;
-  int fd_;
+  ResultSink& sink_;
   ByteBuffer& out_;
   std::size_t results_at_ = npos;
   std::size_t count_at_ = 0;
@@ -268,6 +401,15 @@ void run_chunk(ChunkContext& ctx) {
 inline void worker_exit_now(int status, void*) noexcept {
   std::fflush(nullptr);
   ::_exit(status);
+}
+
+/// Whether a whole message is already buffered at `begin`.
+inline bool message_ready(const ByteBuffer& in, std::size_t begin) noexcept {
+  std::size_t avail = in.size() - begin;
+  if (avail < header_size) return false;
+  std::uint64_t len;
+  std::memcpy(&len, in.data() + begin, sizeof len);
+  return avail - header_size >= len;
 }
 
 /// Reads the next whole message into `in`; false at end of stream.
@@ -333,6 +475,7 @@ struct WorkerConfig {
   std::size_t begin = 0;
   std::size_t tasks = 0;
   int code = 0;
+  ResultSink sink(cfg.fd);
   try {
     while (read_message(cfg.fd, in, begin)) {
       const std::byte* msg = in.data() + begin;
@@ -349,7 +492,7 @@ struct WorkerConfig {
       std::size_t state_len = body.count<std::byte>("callable state");
       std::span<const std::byte> state(body.take(state_len), state_len);
       body(count);
-      ChunkContext ctx(chunk_id, state, body, count, cfg.slot, cfg.timed, cfg.fd, out);
+      ChunkContext ctx(chunk_id, state, body, count, cfg.slot, cfg.timed, sink, out);
       // Until its first item begins (the callable is decoded first), the slot must describe
       // this chunk, not the previous chunk's last item: a death now is item 0's, and its clock
       // runs from now. Stored before chunk_id (a release), so the parent never sees them stale.
@@ -360,16 +503,19 @@ struct WorkerConfig {
       cfg.slot->chunk_id.store(chunk_id, std::memory_order_seq_cst);
       if (cfg.slot->is_cancelled(chunk_id)) {
         for (std::uint32_t i = 0; i < count; ++i) ctx.skip_item(i);
-        ctx.flush();
       } else {
         resolve_function_ref(fn)(ctx);
-        ctx.flush();
       }
+      bool last_task = cfg.max_tasks && tasks + 1 >= cfg.max_tasks;
+      ctx.finish(!last_task && message_ready(in, begin));
       cfg.slot->chunk_id.store(0, std::memory_order_release);
       // What tasks printed appears as their chunk ends, not when the worker exits.
       std::fflush(stdout);
       if (cfg.max_tasks && ++tasks >= cfg.max_tasks) break;
     }
+    // Results held for the next chunk's company leave before the worker does.
+    ByteBuffer none;
+    sink.send_now(none);
   } catch (const std::exception& e) {
     report(std::string("worker failed: ") + e.what());
     code = 4;
