@@ -140,15 +140,17 @@ run_ctest() {
 # The stages.
 sanitizer_build_args=(
   # Debug keeps asserts on; -O1 keeps the sanitized tests quick and their stacks readable.
+  # -g1 (line tables only) still gives file:line in every report, and compiles the template-heavy
+  # tests about a third faster than -g (pool_test.cpp under ASan: 3.5 min instead of 5.6).
   -DCMAKE_BUILD_TYPE=Debug
-  "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g"
+  "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g1"
   -DPROCPOOL_BUILD_BENCHMARKS=OFF
   -DPROCPOOL_BUILD_FUZZERS=OFF
 )
 
 stage_release() {
   configure_and_build build/ci-release \
-    -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" \
     -DPROCPOOL_BUILD_TESTS=ON -DPROCPOOL_BUILD_EXAMPLES=ON -DPROCPOOL_BUILD_BENCHMARKS=ON \
     -DPROCPOOL_BUILD_FUZZERS=OFF -DPROCPOOL_SANITIZE= -DPROCPOOL_TEST_FILTER= || return 0
   run_ctest build/ci-release
