@@ -38,18 +38,19 @@
 #include <vector>
 
 #include "support/bench_main.hpp"
+#include "support/burn.hpp"
 
 namespace {
+
+using bench_support::burn;
+using bench_support::burn_steps;
+using bench_support::seconds_since;
 
 using Clock = std::chrono::steady_clock;
 
 bool g_quick = false;
 
 std::int64_t scaled(std::int64_t n) { return g_quick ? std::max<std::int64_t>(1, n / 10) : n; }
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
 
 [[noreturn]] void die(const char* what) {
   throw std::system_error(errno, std::generic_category(), what);
@@ -498,31 +499,6 @@ void fork_wait(benchmark::State& state) {
 
 // ---------------------------------------------------------------------------------------------
 // cpu_bound_speedup: `tasks` × burn serially, then split between two forked children.
-
-// The same loop as pool_bench.cpp's (keep them identical).
-std::uint64_t burn(std::uint64_t n) {
-  std::uint64_t x = 88172645463325252ull;
-  for (std::uint64_t i = 0; i < n; ++i) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-  }
-  return x;
-}
-
-std::uint64_t burn_steps(double target) {
-  static const std::uint64_t per_second = [] {
-    const std::uint64_t probe = 1u << 24;
-    double best = 1e9;
-    for (int i = 0; i < 3; ++i) {
-      auto t0 = Clock::now();
-      benchmark::DoNotOptimize(burn(probe));
-      best = std::min(best, seconds_since(t0));
-    }
-    return static_cast<std::uint64_t>(static_cast<double>(probe) / best);
-  }();
-  return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(per_second * target));
-}
 
 void cpu_bound_speedup(benchmark::State& state, int tasks, double target) {
   const std::uint64_t steps = burn_steps(target);

@@ -34,8 +34,13 @@
 #include <vector>
 
 #include "support/bench_main.hpp"
+#include "support/burn.hpp"
 
 namespace {
+
+using bench_support::burn;
+using bench_support::burn_steps;
+using bench_support::seconds_since;
 
 using Clock = std::chrono::steady_clock;
 using Buffer = std::vector<std::byte>;
@@ -44,10 +49,6 @@ bool g_quick = false;  // --quick: a tenth of the items, for a smoke run
 
 std::int64_t scaled(std::int64_t n) { return g_quick ? std::max<std::int64_t>(1, n / 10) : n; }
 
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
 // ---------------------------------------------------------------------------------------------
 // The work functions of BENCHMARKS.md.
 
@@ -55,33 +56,6 @@ std::int64_t ident(std::int64_t x) { return x; }
 std::int64_t square(std::int64_t x) { return x * x; }
 std::int64_t nbytes(const Buffer& b) { return static_cast<std::int64_t>(b.size()); }
 Buffer echo(Buffer b) { return b; }
-
-// A fixed CPU loop: xorshift steps, each depending on the last, so nothing folds it away.
-// kernel_bound_bench.cpp has the same loop (keep them identical).
-std::uint64_t burn(std::uint64_t n) {
-  std::uint64_t x = 88172645463325252ull;
-  for (std::uint64_t i = 0; i < n; ++i) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-  }
-  return x;
-}
-
-// The n for which burn(n) takes about `target` seconds here (best of three, calibrated once).
-std::uint64_t burn_steps(double target) {
-  static const std::uint64_t per_second = [] {
-    const std::uint64_t probe = 1u << 24;
-    double best = 1e9;
-    for (int i = 0; i < 3; ++i) {
-      auto t0 = Clock::now();
-      benchmark::DoNotOptimize(burn(probe));
-      best = std::min(best, seconds_since(t0));
-    }
-    return static_cast<std::uint64_t>(static_cast<double>(probe) / best);
-  }();
-  return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(per_second * target));
-}
 
 Buffer make_buffer(std::size_t size, std::size_t seed) {
   Buffer b(size);

@@ -32,6 +32,7 @@
 #include "support/children.hpp"
 
 using test_support::no_child_processes;
+
 // Every test here uses real processes (fork) and real sockets. Children run plain code, never
 // Catch assertions: they report through their exit status, which the parent checks. Nothing
 // sleeps to let things happen: children and parent wait on each other's messages, and timeouts

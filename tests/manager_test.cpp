@@ -43,6 +43,7 @@
 
 using test_support::no_child_processes;
 using test_support::KillIfRunning;
+
 // The Manager (issue 6), with real processes, real sockets and real signals.
 //
 // Children are procpool::Process objects (forks that capture proxies) or pool workers (that get

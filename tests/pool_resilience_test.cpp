@@ -41,6 +41,7 @@
 #include "support/children.hpp"
 
 using test_support::no_child_processes;
+
 // The resilience tests of Pool (issue 4): workers that die, hang, are cancelled or cannot start;
 // a program that dies; signals; descriptors and children; and a fault-injection soak.
 //

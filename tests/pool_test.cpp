@@ -41,6 +41,7 @@
 #include "support/children.hpp"
 
 using test_support::no_child_processes;
+
 // The behaviour tests of Pool (issue 3), with real workers.
 //
 // What makes sense for a ThreadPool too (results and their order, input errors, timeouts,

@@ -35,6 +35,7 @@
 
 using test_support::no_child_processes;
 using test_support::KillIfRunning;
+
 // Every test here starts real processes and synchronizes with them through pipes: a child
 // says "ready" before the parent acts on it, and is released by a message. Timeouts are only
 // watchdogs. Each test checks at its end that no child process is left, running or zombie.

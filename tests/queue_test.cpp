@@ -34,6 +34,7 @@
 
 using test_support::no_child_processes;
 using test_support::KillIfRunning;
+
 // Every test here moves messages between real processes. They synchronize on Events, on the
 // queue's own qsize() and on a child being asleep in the kernel, never on sleeps; timeouts are
 // only watchdogs, and a timed wait is only ever checked to last at least its timeout. Each test

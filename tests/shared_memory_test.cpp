@@ -22,8 +22,11 @@
 #include <type_traits>
 #include <vector>
 #include "support/children.hpp"
+#include "support/locking.hpp"
 
+using test_support::free_for_another_thread;
 using test_support::no_child_processes;
+
 // Value and Array as CPython's test_value, test_array, test_array_from_size and
 // test_getobj_getlock use them, with real child processes: what a child writes, the parent
 // reads. Children are always joined before the parent reads, so no test depends on timing.
@@ -33,7 +36,6 @@ namespace {
 using namespace std::chrono_literals;
 
 constexpr auto watchdog = 30s;
-
 
 // Fails the child (exit code 1, message on stderr). Catch's CHECK must not run in a child.
 void expect(bool ok, const char* what) {
@@ -47,17 +49,6 @@ void in_child(F f) {
   p.start();
   REQUIRE(p.join(watchdog));
   CHECK(p.exitcode() == 0);
-}
-
-// Whether another thread of this process can take `lock` right now (it releases it at once).
-bool free_for_another_thread(procpool::RLock& lock) {
-  bool took = false;
-  std::thread t([&] {
-    took = lock.try_lock();
-    if (took) lock.unlock();
-  });
-  t.join();
-  return took;
 }
 
 struct Point {
@@ -200,7 +191,9 @@ TEST_CASE("shared_memory: get_lock is an RLock that its owner may take recursive
   CHECK(no_child_processes());
 }
 
-TEST_CASE("shared_memory: four children each adding 10000 to a Value under get_lock give the exact total") {
+TEST_CASE(
+    "shared_memory: four children each adding 10000 to a Value under get_lock give the exact "
+    "total") {
   {
     procpool::Value<long> total(0);
     std::vector<procpool::Process> children;
@@ -313,7 +306,9 @@ TEST_CASE("shared_memory: an Array too large to map throws std::length_error") {
 
 // Fixed bug: the range constructor also matched a non-const Array, so `Array b(a)` and a lambda
 // capturing an Array by copy made a new, unshared array instead of a handle to the same one.
-TEST_CASE("shared_memory: an Array copied by direct initialization or a lambda capture shares the memory") {
+TEST_CASE(
+    "shared_memory: an Array copied by direct initialization or a lambda capture shares the "
+    "memory") {
   {
     procpool::Array<int> a(3);
     procpool::Array<int> direct(a);

@@ -29,9 +29,12 @@
 #include <utility>
 #include <vector>
 #include "support/children.hpp"
+#include "support/locking.hpp"
 
-using test_support::no_child_processes;
+using test_support::free_for_another_thread;
 using test_support::KillIfRunning;
+using test_support::no_child_processes;
+
 // The behaviours of CPython's Lib/test/_test_multiprocessing.py (test_lock, test_rlock,
 // test_semaphore, test_event, test_notify, test_waitfor, the barrier tests...) that fit our API,
 // with real child processes. Where CPython sleeps to "let the others run", these tests meet on
@@ -48,7 +51,6 @@ constexpr auto watchdog = 30s;
 // inside the call), a little for clock granularity.
 constexpr auto tolerance = 10ms;
 constexpr auto short_timeout = 100ms;
-
 
 // Fails the child (exit code 1, message on stderr) when something it checks is wrong. Catch's
 // CHECK must not run in a child.
@@ -87,7 +89,6 @@ class Notice {
   int fds_[2] = {-1, -1};
 };
 
-
 // Starts every process, in order.
 void start_all(std::vector<procpool::Process>& ps) {
   for (auto& p : ps) p.start();
@@ -104,18 +105,6 @@ void join_all_ok(std::vector<procpool::Process>& ps) {
 // A child that blocks until killed.
 [[noreturn]] void wait_to_be_killed() {
   for (;;) ::pause();
-}
-
-// Whether another thread of this process can take `lock` right now (it releases it at once).
-template <class L>
-bool free_for_another_thread(L& lock) {
-  bool took = false;
-  std::thread t([&] {
-    took = lock.try_lock();
-    if (took) lock.unlock();
-  });
-  t.join();
-  return took;
 }
 
 template <class D>
@@ -418,7 +407,9 @@ TEST_CASE("synchronize: an RLock taken twice by a process that died throws Owner
   CHECK(no_child_processes());
 }
 
-TEST_CASE("synchronize: a parent blocked on a Lock is woken with OwnerDiedError when the holder is killed") {
+TEST_CASE(
+    "synchronize: a parent blocked on a Lock is woken with OwnerDiedError when the holder is "
+    "killed") {
   const bool timed = GENERATE(false, true);
   INFO((timed ? "acquire(timeout)" : "lock()"));
   {
@@ -454,7 +445,8 @@ TEST_CASE("synchronize: a parent blocked on a Lock is woken with OwnerDiedError 
   CHECK(no_child_processes());
 }
 
-TEST_CASE("synchronize: one of several processes blocked on a dead owner's Lock gets OwnerDiedError") {
+TEST_CASE(
+    "synchronize: one of several processes blocked on a dead owner's Lock gets OwnerDiedError") {
   {
     procpool::Lock lock;
     procpool::Value<int> died(0), took(0);
@@ -527,7 +519,8 @@ TEST_CASE("synchronize: a Semaphore counts acquires and releases") {
   CHECK_THROWS_AS(procpool::Semaphore(std::size_t{1} << 40), std::invalid_argument);
 }
 
-TEST_CASE("synchronize: a BoundedSemaphore released above its initial value throws std::logic_error") {
+TEST_CASE(
+    "synchronize: a BoundedSemaphore released above its initial value throws std::logic_error") {
   procpool::BoundedSemaphore sem(2);
   CHECK_THROWS_AS(sem.release(), std::logic_error);
   CHECK(sem.get_value() == 2);
@@ -683,15 +676,17 @@ TEST_CASE("synchronize: an Event set by the parent wakes every waiting child") {
     procpool::Semaphore waiting(0);
     std::vector<procpool::Process> children;
     for (int i = 0; i < 4; ++i) {
-      children.emplace_back([&](bool timed) {
-        waiting.release();
-        if (timed) {
-          expect(event.wait(watchdog), "the event to be set");
-        } else {
-          event.wait();
-        }
-        expect(event.is_set(), "the event to be set");
-      }, i % 2 == 0);
+      children.emplace_back(
+          [&](bool timed) {
+            waiting.release();
+            if (timed) {
+              expect(event.wait(watchdog), "the event to be set");
+            } else {
+              event.wait();
+            }
+            expect(event.is_set(), "the event to be set");
+          },
+          i % 2 == 0);
     }
     KillIfRunning guard(children);
     start_all(children);
@@ -715,26 +710,29 @@ namespace {
 // Starts `n` children that wait on `cond` (with a watchdog) and then release `woken`, recording
 // in `order` (if given) the order in which they woke.
 std::vector<procpool::Process> sleepers(int n, procpool::Condition& cond,
-                                        procpool::Semaphore& sleeping,
-                                        procpool::Semaphore& woken,
+                                        procpool::Semaphore& sleeping, procpool::Semaphore& woken,
                                         procpool::Array<int>* order = nullptr,
                                         procpool::Value<int>* next = nullptr) {
   std::vector<procpool::Process> children;
   for (int i = 0; i < n; ++i) {
-    children.emplace_back([&cond, &sleeping, &woken, order, next](int id) {
-      std::unique_lock lk(cond);
-      sleeping.release();
-      expect(cond.wait(watchdog), "a notification before the watchdog");
-      if (order) (*order)[static_cast<std::size_t>(next->value()++)] = id;
-      woken.release();
-    }, i);
+    children.emplace_back(
+        [&cond, &sleeping, &woken, order, next](int id) {
+          std::unique_lock lk(cond);
+          sleeping.release();
+          expect(cond.wait(watchdog), "a notification before the watchdog");
+          if (order) (*order)[static_cast<std::size_t>(next->value()++)] = id;
+          woken.release();
+        },
+        i);
   }
   return children;
 }
 
 }  // namespace
 
-TEST_CASE("synchronize: Condition notify wakes exactly one of two sleeping children and notify_all the other") {
+TEST_CASE(
+    "synchronize: Condition notify wakes exactly one of two sleeping children and notify_all the "
+    "other") {
   {
     procpool::Condition cond{procpool::Lock()};
     procpool::Semaphore sleeping(0), woken(0);
@@ -829,7 +827,8 @@ TEST_CASE("synchronize: Condition wait without holding its lock throws std::logi
   cond.release();
 }
 
-TEST_CASE("synchronize: Condition wait over an RLock held twice releases every level and restores them") {
+TEST_CASE(
+    "synchronize: Condition wait over an RLock held twice releases every level and restores them") {
   {
     procpool::RLock lock;
     procpool::Condition cond(lock);
@@ -887,7 +886,9 @@ TEST_CASE("synchronize: Condition wait_for returns once a child makes the predic
   CHECK(no_child_processes());
 }
 
-TEST_CASE("synchronize: Condition wait_for with a timeout returns false while the predicate stays false") {
+TEST_CASE(
+    "synchronize: Condition wait_for with a timeout returns false while the predicate stays "
+    "false") {
   {
     procpool::Condition cond;
     procpool::Value<int> state(0);
@@ -922,7 +923,9 @@ TEST_CASE("synchronize: Condition wait_for with a timeout returns false while th
   CHECK(no_child_processes());
 }
 
-TEST_CASE("synchronize: a Condition waiter whose lock holder died wakes with OwnerDiedError holding the lock") {
+TEST_CASE(
+    "synchronize: a Condition waiter whose lock holder died wakes with OwnerDiedError holding the "
+    "lock") {
   const bool by_sigkill = GENERATE(false, true);
   INFO((by_sigkill ? "the holder was killed by SIGKILL" : "the holder called _exit"));
   {
@@ -1016,7 +1019,8 @@ TEST_CASE("synchronize: a Barrier of five gives each party a distinct index in e
   barrier_passes(10);
 }
 
-TEST_CASE("synchronize: a Barrier of five gives each party a distinct index in each of 1000 passes") {
+TEST_CASE(
+    "synchronize: a Barrier of five gives each party a distinct index in each of 1000 passes") {
   barrier_passes(1000);
 }
 
@@ -1065,16 +1069,18 @@ TEST_CASE("synchronize: a reset Barrier breaks the current waits and is usable a
     procpool::Array<int> index(3, -1);
     std::vector<procpool::Process> children;
     for (int i = 0; i < 2; ++i) {
-      children.emplace_back([&](int party) {
-        bool broken = false;
-        try {
-          (void)barrier.wait(watchdog);
-        } catch (const procpool::BrokenBarrierError&) {
-          broken = true;
-        }
-        expect(broken, "BrokenBarrierError from the reset");
-        index[static_cast<std::size_t>(party)] = static_cast<int>(barrier.wait(watchdog));
-      }, i);
+      children.emplace_back(
+          [&](int party) {
+            bool broken = false;
+            try {
+              (void)barrier.wait(watchdog);
+            } catch (const procpool::BrokenBarrierError&) {
+              broken = true;
+            }
+            expect(broken, "BrokenBarrierError from the reset");
+            index[static_cast<std::size_t>(party)] = static_cast<int>(barrier.wait(watchdog));
+          },
+          i);
     }
     KillIfRunning guard(children);
     start_all(children);
@@ -1157,7 +1163,8 @@ TEST_CASE("synchronize: a Barrier action runs exactly once per pass before any p
   CHECK(no_child_processes());
 }
 
-TEST_CASE("synchronize: a Barrier whose action throws breaks and the last party gets the exception") {
+TEST_CASE(
+    "synchronize: a Barrier whose action throws breaks and the last party gets the exception") {
   {
     procpool::Barrier barrier(3, [] { throw std::runtime_error("action failed"); });
     // Per party: 1 for the action's exception, 2 for BrokenBarrierError, 3 for passing.
