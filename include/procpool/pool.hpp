@@ -346,7 +346,7 @@ class Pool {
   template <class F, std::ranges::input_range Range>
   auto map(F f, Range&& items, std::size_t chunksize = 0) {
     auto r = map_async(std::move(f), std::forward<Range>(items), chunksize);
-    return r.get();
+    return detail::take_result(*detail::state_of(r));  // moved out, not copied
   }
 
   /// As map, returning at once. The whole input has been read when it returns.
@@ -362,7 +362,7 @@ class Pool {
   template <class F, std::ranges::input_range Range>
   auto starmap(F f, Range&& tuples, std::size_t chunksize = 0) {
     auto r = starmap_async(std::move(f), std::forward<Range>(tuples), chunksize);
-    return r.get();
+    return detail::take_result(*detail::state_of(r));  // moved out, not copied
   }
 
   /// As starmap, returning at once.

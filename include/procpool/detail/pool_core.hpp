@@ -82,7 +82,8 @@ struct Chunk {
   std::uint32_t count = 0;
   std::uint32_t received = 0;  // results that came back (they come back in order)
   std::size_t count_at = 0;   // offset of the u32 count in msg
-  ByteBuffer msg;
+  ByteBuffer msg{ByteBuffer::shareable};  // a large one lives in a shared block
+  SharedStub stub{0};                     // what the channel carries when msg is shared
   void (*skip_item)(ReadArchive&) = nullptr;  // steps over one encoded item
 
   static constexpr std::size_t id_at = header_size;
@@ -317,6 +318,8 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
     const std::byte* data;
     std::size_t size;
     std::size_t sent;
+    int fd = -1;           // a shared block's memfd, attached to the first byte
+    bool fd_sent = false;  // it left with an earlier sendmsg
   };
 
   struct Worker {
@@ -326,6 +329,8 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
     unique_fd fd, pidfd;
     std::deque<std::unique_ptr<Chunk>> in_flight;
     std::deque<Outgoing> out;
+    std::deque<unique_fd> fds;  // memfds received, for the `shared` stubs still unread
+    std::unique_ptr<ReceivedBlocks> received;  // its result blocks, kept mapped
     bool want_write = false;
     bool eof = false;
     std::size_t tasks_sent = 0;
@@ -411,7 +416,12 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
       Chunk* raw = c.get();
       if (best->in_flight.empty()) best->front_since_ns = monotonic_ns();
       best->in_flight.push_back(std::move(c));
-      send_to(*best, raw->msg.data(), raw->msg.size());
+      if (raw->msg.shared()) {
+        raw->stub = SharedStub(raw->msg.size());
+        best->out.push_back({raw->stub.bytes, sizeof raw->stub.bytes, 0, raw->msg.shared_fd()});
+      } else {
+        send_to(*best, raw->msg.data(), raw->msg.size());
+      }
     }
     for (auto& w : workers_) {
       // A worker whose socket is full gets the rest when EPOLLOUT says there is room.
@@ -437,14 +447,22 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
   void flush_out(Worker& w) {
     while (!w.out.empty()) {
       iovec iov[64];
-      std::size_t count = std::min<std::size_t>(w.out.size(), 64);
-      for (std::size_t i = 0; i < count; ++i) {
-        const Outgoing& o = w.out[i];
-        iov[i] = iovec{const_cast<std::byte*>(o.data + o.sent), o.size - o.sent};
+      int fds[max_fds_per_send];
+      std::size_t nfds = 0;
+      std::size_t count = 0;
+      for (; count < std::min<std::size_t>(w.out.size(), 64); ++count) {
+        Outgoing& o = w.out[count];
+        if (o.fd >= 0 && !o.fd_sent) {
+          if (nfds == max_fds_per_send) break;  // the rest go with the next sendmsg
+          fds[nfds++] = o.fd;
+        }
+        iov[count] = iovec{const_cast<std::byte*>(o.data + o.sent), o.size - o.sent};
       }
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = count;
+      alignas(cmsghdr) char control[CMSG_SPACE(max_fds_per_send * sizeof(int))];
+      if (nfds) attach_fds(msg, control, fds, nfds);
       ssize_t n = retry_eintr(
           [&] { return ::sendmsg(w.fd.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT); });
       if (n < 0) {
@@ -452,6 +470,8 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
         w.out.clear();  // the worker is gone; its death re-queues what it held
         break;
       }
+      // The descriptors went with the first byte sent, however few bytes that was.
+      for (std::size_t i = 0; i < count; ++i) w.out[i].fd_sent = true;
       auto sent = static_cast<std::size_t>(n);
       while (sent > 0) {
         Outgoing& o = w.out.front();
@@ -605,7 +625,7 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
     for (;;) {
       std::size_t before = w.in.size();
       std::byte* p = w.in.grow(64 * 1024);
-      ssize_t n = retry_eintr([&] { return ::recv(w.fd.get(), p, 64 * 1024, MSG_DONTWAIT); });
+      ssize_t n = recv_with_fds(w.fd.get(), p, 64 * 1024, MSG_DONTWAIT, w.fds);
       if (n > 0) {
         w.in.truncate(before + static_cast<std::size_t>(n));
         if (static_cast<std::size_t>(n) == 64 * 1024) continue;
@@ -628,29 +648,12 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
       // Everything it held has been failed and it is being killed: results it sent in the
       // meantime are for chunks that are gone, and are no protocol error.
       w.in.clear();
+      w.fds.clear();
       return;
     }
     std::size_t pos = 0;
     try {
-      while (w.in.size() - pos >= header_size) {
-        std::uint64_t len;
-        std::memcpy(&len, w.in.data() + pos, sizeof len);
-        if (w.in.size() - pos - header_size < len) break;
-        auto type = static_cast<Msg>(w.in.data()[pos + sizeof len]);
-        ReadArchive body(w.in.data() + pos + header_size,
-                         w.in.data() + pos + header_size + len);
-        pos += header_size + static_cast<std::size_t>(len);
-        if (type == Msg::results) {
-          on_results(w, body, out);
-        } else if (type == Msg::init_failed) {
-          std::uint8_t code;
-          std::string type_name, message;
-          body(code, type_name, message);
-          w.init_error = "the initializer threw " + type_name + ": " + message;
-        } else {
-          throw ProtocolError("procpool: unknown message from a worker");
-        }
-      }
+      pos = parse_messages(w, w.in.data(), w.in.size(), true, out);
     } catch (const std::exception& e) {
       // A worker that speaks nonsense is killed; its death re-queues what it held.
       report(std::string("a worker sent a corrupt message (") + e.what() + "); killing it");
@@ -658,6 +661,43 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
       pos = w.in.size();
     }
     w.in.consume(pos);
+  }
+
+  // Handles the whole messages in [data, data + size); returns how many bytes they took. A
+  // `shared` stub (only on the channel itself, never inside a block) stands for the messages
+  // in the block whose memfd arrived with it.
+  std::size_t parse_messages(Worker& w, const std::byte* data, std::size_t size,
+                             bool on_channel, Completions& out) {
+    std::size_t pos = 0;
+    while (size - pos >= header_size) {
+      std::uint64_t len;
+      std::memcpy(&len, data + pos, sizeof len);
+      if (size - pos - header_size < len) break;
+      auto type = static_cast<Msg>(data[pos + sizeof len]);
+      ReadArchive body(data + pos + header_size, data + pos + header_size + len);
+      pos += header_size + static_cast<std::size_t>(len);
+      if (type == Msg::results) {
+        on_results(w, body, out);
+      } else if (type == Msg::init_failed) {
+        std::uint8_t code;
+        std::string type_name, message;
+        body(code, type_name, message);
+        w.init_error = "the initializer threw " + type_name + ": " + message;
+      } else if (type == Msg::shared && on_channel) {
+        std::uint64_t bytes;
+        body(bytes);
+        if (w.fds.empty()) throw ProtocolError("procpool: a shared block came without its memfd");
+        if (!w.received) w.received = std::make_unique<ReceivedBlocks>();
+        ReceivedBlocks::Lease block = w.received->open(w.fds.front().release(), bytes);
+        w.fds.pop_front();
+        if (parse_messages(w, block.data(), block.size(), false, out) != block.size()) {
+          throw ProtocolError("procpool: a shared block ends inside a message");
+        }
+      } else {
+        throw ProtocolError("procpool: unknown message from a worker");
+      }
+    }
+    return pos;
   }
 
   void on_results(Worker& w, ReadArchive& body, Completions& out) {

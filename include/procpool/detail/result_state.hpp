@@ -233,4 +233,18 @@ class ResultState : public ResultStateBase {
   std::optional<Stored> value_;
 };
 
+/// Waits for a result that only the caller holds and moves its value out (so that a
+/// move-only result can be returned). @throws what get() throws.
+template <class T>
+T take_result(ResultState<T>& state) {
+  state.wait_until(Deadline::never());
+  if constexpr (std::is_void_v<T>) {
+    (void)state.value();
+  } else {
+    // value() is const for shared handles; nobody else can see this state, so its value is
+    // ours to move.
+    return std::move(const_cast<T&>(state.value()));
+  }
+}
+
 }  // namespace procpool::detail

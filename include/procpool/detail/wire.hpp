@@ -3,10 +3,13 @@
 // task names its code.
 //
 // Every message on a worker channel is a header { u64 body length, u8 type } followed by the
-// body. Bodies are built with the codec's archives (serialize.hpp) minus the type fingerprint:
-// both ends are the same program and the trampoline that decodes a chunk is the one that was
-// instantiated for exactly these types.
+// body. A message of shared_threshold bytes or more travels in a shared block instead: the
+// channel carries a `shared` stub { u64 size } with the block's memfd attached, and the
+// block holds the bytes the channel would have carried. Bodies are built with the codec's
+// archives (serialize.hpp) minus the type fingerprint: both ends are the same program and the
+// trampoline that decodes a chunk is the one that was instantiated for exactly these types.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -15,11 +18,13 @@
 #include <stdexcept>
 #include <string>
 #include <typeinfo>
+#include <utility>
 #include <vector>
 
 #include "../errors.hpp"
 #include "../serialize.hpp"
 #include "exceptions.hpp"
+#include "shared_blocks.hpp"
 
 namespace procpool::detail {
 
@@ -28,22 +33,48 @@ enum class Msg : std::uint8_t {
   exit = 2,         // parent -> worker: leave after what you have
   results = 3,      // worker -> parent: results of a run of items of one chunk
   init_failed = 4,  // worker -> parent: the initializer threw
+  shared = 5,       // either way: the next bytes of the stream are in the attached memfd
 };
 
 inline constexpr std::size_t header_size = sizeof(std::uint64_t) + 1;
 
-/// A growable byte buffer that can be appended to by the codec's archives.
+/// A growable byte buffer that can be appended to by the codec's archives. A buffer made
+/// `shareable` moves into a shared block (shared_blocks.hpp) once it needs shared_threshold
+/// bytes or more, so that it can be handed to the other process instead of copied through
+/// the socket.
 class ByteBuffer {
  public:
-  std::byte* data() noexcept { return data_.data(); }
-  const std::byte* data() const noexcept { return data_.data(); }
+  struct Shareable {};
+  static constexpr Shareable shareable{};
+
+  ByteBuffer() = default;
+  explicit ByteBuffer(Shareable) noexcept : may_share_(true) {}
+  ByteBuffer(ByteBuffer&& o) noexcept { swap(o); }
+  ByteBuffer& operator=(ByteBuffer&& o) noexcept {
+    ByteBuffer tmp(std::move(o));
+    swap(tmp);
+    return *this;
+  }
+  ~ByteBuffer() { SharedBlockCache::instance().release(std::move(block_)); }
+
+  void swap(ByteBuffer& o) noexcept {
+    data_.swap(o.data_);
+    block_.swap(o.block_);
+    std::swap(size_, o.size_);
+    std::swap(may_share_, o.may_share_);
+  }
+
+  std::byte* data() noexcept { return block_ ? block_.data() : data_.data(); }
+  const std::byte* data() const noexcept { return block_ ? block_.data() : data_.data(); }
   std::size_t size() const noexcept { return size_; }
   bool empty() const noexcept { return size_ == 0; }
   void clear() noexcept { size_ = 0; }
+  /// Whether the bytes live in a shared block (see take_block).
+  bool shared() const noexcept { return static_cast<bool>(block_); }
   /// Grows by n bytes and returns where they start.
   std::byte* grow(std::size_t n) {
-    if (size_ + n > data_.size()) data_.resize(std::max(size_ + n, data_.size() * 2));
-    std::byte* p = data_.data() + size_;
+    if (size_ + n > capacity()) reserve(std::max(size_ + n, capacity() * 2));
+    std::byte* p = data() + size_;
     size_ += n;
     return p;
   }
@@ -54,7 +85,7 @@ class ByteBuffer {
       size_ = 0;
       return;
     }
-    std::memmove(data_.data(), data_.data() + n, size_ - n);
+    std::memmove(data(), data() + n, size_ - n);
     size_ -= n;
   }
   void append(const void* p, std::size_t n) {
@@ -93,19 +124,63 @@ class ByteBuffer {
   }
   void finish_message(std::size_t at) noexcept {
     std::uint64_t len = size_ - at - header_size;
-    std::memcpy(data_.data() + at, &len, sizeof len);
+    std::memcpy(data() + at, &len, sizeof len);
   }
-  /// Releases memory beyond `keep` bytes of capacity (after a huge message).
+  /// Releases memory beyond `keep` bytes of capacity (after a huge message). A shared block
+  /// goes back to the cache, to be reused by the next large message.
   void shrink(std::size_t keep) {
-    if (data_.size() > keep && size_ <= keep) {
+    if (capacity() <= keep || size_ > keep) return;
+    if (block_) {
+      std::vector<std::byte> heap(std::max(keep, size_));
+      if (size_) std::memcpy(heap.data(), block_.data(), size_);
+      SharedBlockCache::instance().release(std::move(block_));
+      data_.swap(heap);
+    } else {
       data_.resize(keep);
       data_.shrink_to_fit();
     }
   }
+  /// The memfd of the shared block holding the bytes (-1 when they are not shared).
+  int shared_fd() const noexcept { return block_.fd(); }
+  /// Hands over the shared block holding the bytes; the buffer is then empty.
+  SharedBlock take_block() noexcept {
+    size_ = 0;
+    return std::move(block_);
+  }
 
  private:
+  std::size_t capacity() const noexcept { return block_ ? block_.capacity() : data_.size(); }
+
+  void reserve(std::size_t cap) {
+    if (may_share_ && cap >= shared_threshold) {
+      SharedBlock b = SharedBlockCache::instance().acquire(cap);
+      if (size_) std::memcpy(b.data(), data(), size_);
+      SharedBlockCache::instance().release(std::move(block_));
+      block_ = std::move(b);
+      std::vector<std::byte>().swap(data_);
+    } else {
+      data_.resize(cap);
+    }
+  }
+
   std::vector<std::byte> data_;
+  SharedBlock block_;
   std::size_t size_ = 0;
+  bool may_share_ = false;
+};
+
+/// The stub that stands for a message (or a run of messages) in a shared block: a `shared`
+/// message whose body is the size of the bytes in the block; the block's memfd travels with
+/// the stub's first byte.
+struct SharedStub {
+  std::byte bytes[header_size + sizeof(std::uint64_t)];
+
+  explicit SharedStub(std::uint64_t size) noexcept {
+    std::uint64_t len = sizeof(std::uint64_t);
+    std::memcpy(bytes, &len, sizeof len);
+    bytes[sizeof len] = static_cast<std::byte>(Msg::shared);
+    std::memcpy(bytes + header_size, &size, sizeof size);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------

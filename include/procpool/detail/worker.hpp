@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <mutex>
@@ -112,6 +113,8 @@ class ResultSink {
  private:
   void take(ByteBuffer& msgs) {
     if (msgs.empty()) return;
+    // Large results are not copied behind small ones: what is held leaves first.
+    if (msgs.shared() && !held_.empty()) send_held();
     if (held_.empty()) {
       std::swap(held_, msgs);
     } else {
@@ -126,6 +129,22 @@ class ResultSink {
     held_since_.store(0, std::memory_order_relaxed);
     held_flag_.store(0, std::memory_order_relaxed);
     if (held_.empty()) return;
+    if (held_.shared()) {
+      // Large results stay where they were encoded: the parent maps the block, and marks it
+      // free again when it has read them.
+      SharedStub stub(held_.size());
+      SharedBlock block = held_.take_block();
+      block.head().busy.store(1, std::memory_order_release);
+      try {
+        send_all_with_fd(fd_, stub.bytes, sizeof stub.bytes, block.fd());
+      } catch (...) {
+        block.head().busy.store(0, std::memory_order_release);
+        SharedBlockCache::instance().release(std::move(block));
+        throw;
+      }
+      SharedBlockCache::instance().release(std::move(block));
+      return;
+    }
     std::size_t size = held_.size();
     held_.clear();
     // The bytes stay valid: clear() only resets the size, and mu_ keeps others out.
@@ -185,7 +204,7 @@ class ResultSink {
 
   int fd_;
   std::mutex mu_;
-  ByteBuffer held_;
+  ByteBuffer held_{ByteBuffer::shareable};
   std::atomic<std::int64_t> held_since_{0};
   std::atomic<std::uint32_t> held_flag_{0};  // futex: 1 while results are held
   std::atomic<bool> stopping_{false};
@@ -412,8 +431,10 @@ inline bool message_ready(const ByteBuffer& in, std::size_t begin) noexcept {
   return avail - header_size >= len;
 }
 
-/// Reads the next whole message into `in`; false at end of stream.
-inline bool read_message(int fd, ByteBuffer& in, std::size_t& begin) {
+/// Reads the next whole message into `in`, and the memfds that come with `shared` stubs into
+/// `fds`; false at end of stream.
+inline bool read_message(int fd, ByteBuffer& in, std::size_t& begin,
+                         std::deque<unique_fd>& fds) {
   for (;;) {
     std::size_t avail = in.size() - begin;
     if (avail >= header_size) {
@@ -433,7 +454,7 @@ inline bool read_message(int fd, ByteBuffer& in, std::size_t& begin) {
     }
     std::size_t before = in.size();
     std::byte* p = in.grow(want);
-    ssize_t n = retry_eintr([&] { return ::recv(fd, p, want, 0); });
+    ssize_t n = recv_with_fds(fd, p, want, 0, fds);
     if (n <= 0) {
       in.truncate(before);
       return false;
@@ -455,7 +476,7 @@ struct WorkerConfig {
 [[noreturn]] inline void worker_main(const WorkerConfig& cfg) noexcept {
   ::on_exit(worker_exit_now, nullptr);
   become_current_process("PoolWorker-" + std::to_string(cfg.index + 1));
-  ByteBuffer out;
+  ByteBuffer out{ByteBuffer::shareable};
   try {
     if (cfg.initializer && *cfg.initializer) (*cfg.initializer)();
   } catch (...) {
@@ -472,12 +493,14 @@ struct WorkerConfig {
   cfg.slot->initialized.store(1, std::memory_order_release);
 
   ByteBuffer in;
+  std::deque<unique_fd> fds;
+  ReceivedBlocks received;
   std::size_t begin = 0;
   std::size_t tasks = 0;
   int code = 0;
   ResultSink sink(cfg.fd);
   try {
-    while (read_message(cfg.fd, in, begin)) {
+    while (read_message(cfg.fd, in, begin, fds)) {
       const std::byte* msg = in.data() + begin;
       std::uint64_t len;
       std::memcpy(&len, msg, sizeof len);
@@ -485,6 +508,24 @@ struct WorkerConfig {
       ReadArchive body(msg + header_size, msg + header_size + len);
       begin += header_size + static_cast<std::size_t>(len);
       if (type == Msg::exit) break;
+      // A large chunk is in the shared block that came with its stub; it is read in place and
+      // unmapped when the chunk is done.
+      ReceivedBlocks::Lease block;
+      if (type == Msg::shared) {
+        std::uint64_t bytes;
+        body(bytes);
+        if (fds.empty()) throw ProtocolError("procpool: a shared block came without its memfd");
+        block = received.open(fds.front().release(), bytes);
+        fds.pop_front();
+        if (block.size() < header_size) throw ProtocolError("procpool: a shared block is empty");
+        msg = block.data();
+        std::memcpy(&len, msg, sizeof len);
+        type = static_cast<Msg>(msg[sizeof len]);
+        if (len != block.size() - header_size) {
+          throw ProtocolError("procpool: a shared block does not hold exactly one message");
+        }
+        body = ReadArchive(msg + header_size, msg + header_size + len);
+      }
       if (type != Msg::chunk) throw ProtocolError("procpool: unexpected message in worker");
       std::uint64_t chunk_id = 0, fn = 0;
       std::uint32_t count = 0;
