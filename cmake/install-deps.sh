@@ -2,7 +2,7 @@
 # Installs the Debian packages procpool's builds need, and only the ones that are missing.
 # Sourced by cmake/run-tests.sh and cmake/run-examples.sh; can also be run on its own:
 #
-#   bash cmake/install-deps.sh            # everything: build, tests, fuzzers
+#   bash cmake/install-deps.sh            # everything: build, tests, fuzzers, docs, redis
 #   bash cmake/install-deps.sh catch2     # just these packages
 #
 # Everything comes from Debian's apt. Root installs directly; anyone else through sudo.
@@ -12,6 +12,10 @@
 PROCPOOL_PACKAGES_BUILD=(g++ cmake ninja-build libcereal-dev)
 PROCPOOL_PACKAGES_TEST=(catch2 libbenchmark-dev python3)
 PROCPOOL_PACKAGES_FUZZ=(clang-14 libclang-rt-14-dev)
+PROCPOOL_PACKAGES_DOCS=(doxygen)
+# The Redis loader example (examples/redis_loader.cpp): hiredis, found through pkg-config, and a
+# redis-server (with redis-cli) that cmake/with-redis-server.sh starts; python3 picks its port.
+PROCPOOL_PACKAGES_REDIS=(libhiredis-dev redis-server pkg-config python3)
 
 # Prints, one per line, the packages among "$@" that dpkg does not report as installed.
 procpool_missing_packages() {
@@ -64,7 +68,8 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
   set -euo pipefail
   if (($# == 0)); then
     set -- "${PROCPOOL_PACKAGES_BUILD[@]}" "${PROCPOOL_PACKAGES_TEST[@]}" \
-      "${PROCPOOL_PACKAGES_FUZZ[@]}"
+      "${PROCPOOL_PACKAGES_FUZZ[@]}" "${PROCPOOL_PACKAGES_DOCS[@]}" \
+      "${PROCPOOL_PACKAGES_REDIS[@]}"
   fi
   procpool_install_packages "$@"
 fi

@@ -13,11 +13,13 @@
 #                              PROCPOOL_TSAN_FILTER (default: pool); skipped if none does
 #   fuzz     build/ci-fuzz     clang++-14 libFuzzer targets from tests/fuzz/*_fuzz.cpp, each run
 #                              for PROCPOOL_FUZZ_SECONDS (default 60); skipped if there are none
+#   docs     build/ci-docs     the API reference (the `docs` target, Doxygen); any Doxygen warning,
+#                              such as an undocumented public declaration, fails it
 #
 # Every selected stage runs even when an earlier one failed. At the end the script prints one
-# line per stage and then `total: N passed, M failed` (ctest's counts summed; each fuzzer counts
-# as one test, and a stage that fails to configure or build counts as one failure). It exits
-# nonzero if anything failed.
+# line per stage and then `total: N passed, M failed` (ctest's counts summed; each fuzzer and the
+# docs build count as one test, and a stage that fails to configure or build counts as one
+# failure). It exits nonzero if anything failed.
 #
 # Environment: PROCPOOL_JOBS (build and ctest parallelism, default 2), PROCPOOL_FUZZ_SECONDS,
 # PROCPOOL_TSAN_FILTER, PROCPOOL_SKIP_APT=1 (never call apt), and ASAN_OPTIONS, UBSAN_OPTIONS,
@@ -32,7 +34,7 @@ source cmake/install-deps.sh
 jobs="${PROCPOOL_JOBS:-2}"
 fuzz_seconds="${PROCPOOL_FUZZ_SECONDS:-60}"
 tsan_filter="${PROCPOOL_TSAN_FILTER:-pool}"
-all_stages=(release asan tsan fuzz)
+all_stages=(release asan tsan fuzz docs)
 
 usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'
@@ -243,6 +245,26 @@ stage_fuzz() {
   fi
 }
 
+stage_docs() {
+  local dir=build/ci-docs
+  configure_and_build "$dir" -DPROCPOOL_BUILD_DOCS=ON -DPROCPOOL_BUILD_TESTS=OFF \
+    -DPROCPOOL_BUILD_EXAMPLES=OFF -DPROCPOOL_BUILD_BENCHMARKS=OFF -DPROCPOOL_BUILD_FUZZERS=OFF ||
+    return 0
+  # CMake defines the target only when it finds Doxygen 1.9 or later.
+  if ! ninja -C "$dir" -t query docs >/dev/null 2>&1; then
+    stage_fail "no docs target: Doxygen 1.9 or later not found"
+    return 0
+  fi
+  if cmake --build "$dir" --target docs; then
+    stage_passed=$((stage_passed + 1))
+    echo "docs: the API reference is in $dir/docs/html/index.html"
+  else
+    stage_failed=$((stage_failed + 1))
+    stage_note="Doxygen warnings"
+  fi
+  if ((stage_failed > 0)); then stage_status=failed; else stage_status=passed; fi
+}
+
 # ---------------------------------------------------------------------------------------------
 packages=("${PROCPOOL_PACKAGES_BUILD[@]}")
 for stage in "${stages[@]}"; do
@@ -251,6 +273,7 @@ for stage in "${stages[@]}"; do
     fuzz) packages+=("${PROCPOOL_PACKAGES_FUZZ[@]}") ;;
   esac
 done
+    docs) packages+=("${PROCPOOL_PACKAGES_DOCS[@]}") ;;
 if ! procpool_install_packages "${packages[@]}"; then
   echo "run-tests.sh: installing packages failed; trying the stages anyway" >&2
   summary_lines+=("$(printf '%-8s %-8s %s' deps failed 'apt-get could not install the packages')")

@@ -37,7 +37,8 @@
 
 namespace procpool {
 
-/// One end of a Pipe. Move-only; closes its descriptor when destroyed.
+/// One end of a Pipe (Python's multiprocessing.connection.Connection). Move-only; closes its
+/// descriptor when destroyed.
 class Connection {
  public:
   /// A closed connection.
@@ -46,7 +47,9 @@ class Connection {
   Connection(detail::unique_fd fd, bool readable, bool writable) noexcept
       : fd_(std::move(fd)), readable_(readable), writable_(writable) {}
 
+  /// Takes over another connection's socket; that one is left closed.
   Connection(Connection&&) noexcept = default;
+  /// Closes this connection's socket and takes over another's; that one is left closed.
   Connection& operator=(Connection&&) noexcept = default;
 
   /// Sends one message holding `obj`: the same as send_bytes(encode(obj)).
@@ -207,8 +210,9 @@ class Connection {
   bool writable_ = false;
 };
 
-/// Creates a connected pair of Connections. With duplex (the default) both ends send and
-/// receive; with duplex = false the first end only receives and the second only sends.
+/// Creates a connected pair of Connections, as Python's `a, b = Pipe()` (in C++,
+/// `auto [a, b] = procpool::Pipe();`). With duplex (the default) both ends send and receive;
+/// with duplex = false the first end only receives and the second only sends.
 /// Both descriptors are close-on-exec (a fork inherits them, an exec'd program does not).
 /// @throws std::system_error if socketpair() fails.
 inline std::pair<Connection, Connection> Pipe(bool duplex = true) {

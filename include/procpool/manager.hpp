@@ -243,10 +243,11 @@ inline bool read_flag(ReadArchive& r) {
 
 }  // namespace detail
 
-/// A dict in a manager's server: keys K to values V, both Serializable. Keys are compared by
-/// their encoding (equal values encode equally; note that 0.0 and -0.0 are distinct keys).
-/// Every operation is atomic, blocks for one round trip to the server, and throws
-/// ManagerError if the server is gone. Safe to use from several threads and processes.
+/// A dict in a manager's server (what Python's `manager.dict()` returns): keys K to values V,
+/// both Serializable. Keys are compared by their encoding (equal values encode equally; note
+/// that 0.0 and -0.0 are distinct keys). Every operation is atomic, blocks for one round trip
+/// to the server, and throws ManagerError if the server is gone. Safe to use from several
+/// threads and processes.
 template <class K, class V>
 class DictProxy {
   static_assert(detail::require_manager_value<K>() && detail::require_manager_value<V>());
@@ -362,8 +363,9 @@ class DictProxy {
   detail::ProxyCore core_;
 };
 
-/// A list in a manager's server, of Serializable T. Every operation is atomic, blocks for one
-/// round trip to the server, and throws ManagerError if the server is gone.
+/// A list in a manager's server, of Serializable T (what Python's `manager.list()` returns).
+/// Every operation is atomic, blocks for one round trip to the server, and throws ManagerError
+/// if the server is gone.
 template <class T>
 class ListProxy {
   static_assert(detail::require_manager_value<T>());
@@ -450,8 +452,9 @@ class ListProxy {
   detail::ProxyCore core_;
 };
 
-/// One value of Serializable T in a manager's server. Every operation is atomic, blocks for one
-/// round trip, and throws ManagerError if the server is gone.
+/// One value of Serializable T in a manager's server (what Python's `manager.Value()` returns).
+/// Every operation is atomic, blocks for one round trip, and throws ManagerError if the server
+/// is gone.
 template <class T>
 class ValueProxy {
   static_assert(detail::require_manager_value<T>());
@@ -548,9 +551,10 @@ class LockProxy {
   detail::ProxyCore core_;
 };
 
-/// A FIFO queue of Serializable T in a manager's server, with Queue<T>'s interface. Waiting
-/// (get on an empty queue, put on a full one) happens in the server; only the calling thread
-/// blocks. Every operation throws ManagerError if the server is gone.
+/// A FIFO queue of Serializable T in a manager's server, with Queue<T>'s interface (what
+/// Python's `manager.Queue()` returns). Waiting (get on an empty queue, put on a full one)
+/// happens in the server; only the calling thread blocks. Every operation throws ManagerError
+/// if the server is gone.
 template <class T>
 class QueueProxy {
   static_assert(detail::require_manager_value<T>());

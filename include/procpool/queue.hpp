@@ -31,7 +31,8 @@
 
 namespace procpool {
 
-/// A multi-producer, multi-consumer FIFO queue of T between processes.
+/// A multi-producer, multi-consumer FIFO queue of T between processes (Python's
+/// multiprocessing.Queue).
 ///
 /// T must be Serializable. Copies of a Queue are handles to the same queue. All members are safe
 /// to call from any thread of any process that inherited the queue.
@@ -92,6 +93,8 @@ class Queue {
   void close() noexcept { local_->closed = true; }
 
  protected:
+  /// The shared-memory queue underneath, for derived queues (JoinableQueue counts unfinished
+  /// tasks in it).
   detail::ShmQueue& core() noexcept { return q_; }
 
  private:
@@ -142,7 +145,7 @@ class SimpleQueue {
 ///
 /// An item that was half written by a producer that died, or half read by a consumer that died,
 /// counts as done. A consumer that dies after get() and before task_done() leaves its item
-/// unfinished, as in Python.
+/// unfinished, as in Python. It has Queue's constructors and members.
 template <class T>
 class JoinableQueue : public Queue<T> {
  public:

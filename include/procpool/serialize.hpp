@@ -178,9 +178,14 @@ struct serializable {
 
 }  // namespace detail
 
-/// A type whose values can cross a process boundary: task arguments and results, Pipe and
-/// Queue messages, Manager values. See API.md §1 for the list; a member
-/// `template <class Archive> void serialize(Archive& ar) { ar(a, b, c); }` makes any type one.
+/// A type whose values can cross a process boundary (what Python pickles): task arguments and
+/// results, Pipe and Queue messages, Manager values. These are arithmetic types, enums,
+/// std::byte, std::string, std::vector, std::array, std::pair, std::tuple, std::optional,
+/// std::variant, std::map, std::unordered_map, std::set, std::unordered_set,
+/// std::chrono::duration and C arrays of Serializable types; any trivially copyable,
+/// copy-constructible type (its bytes are copied); and any type with a member
+/// `template <class Archive> void serialize(Archive& ar) { ar(a, b, c); }`, which wins over a
+/// byte copy. Sending anything else is a compile error that names the type.
 template <class T>
 concept Serializable = detail::serializable<std::remove_cvref_t<T>>::value;
 

@@ -93,21 +93,26 @@ class Value {
 
 /// A fixed-size array of T in shared memory, with a recursive lock (Python's
 /// multiprocessing.Array). Sizes and braces behave as with std::vector: `Array<int> a(10)` is
-/// ten zeros and `Array<int> a{10}` one element.
+/// ten zeros and `Array<int> a{10}` one element. The size is fixed at construction. Every
+/// constructor throws std::length_error if the elements would take more than 1 TiB, and
+/// std::system_error if mmap fails.
 template <class T>
 class Array {
   static_assert(detail::shareable_as_memory<T>());
 
  public:
+  /// The element type.
   using value_type = T;
+  /// An iterator over the shared elements: a plain pointer into the shared memory.
   using iterator = T*;
+  /// A read-only iterator over the shared elements.
   using const_iterator = const T*;
 
-  /// `n` zero-initialised elements.
+  /// `n` zero-initialised elements (Python's `Array('i', 10)`).
   explicit Array(std::size_t n) : Array(n, T{}) {}
   /// `n` copies of `value`.
   Array(std::size_t n, const T& value) : Array(allocate(n)) { std::fill_n(data_, n, value); }
-  /// The given elements.
+  /// The given elements (Python's `Array('i', [1, 2, 3])`).
   Array(std::initializer_list<T> values) : Array(std::span<const T>(values.begin(), values.size())) {}
   /// The elements of a sized range, for example a std::vector or std::views::iota(0, 10).
   template <std::ranges::sized_range R>
@@ -121,12 +126,14 @@ class Array {
 
   /// Element `i`, unchecked.
   T& operator[](std::size_t i) noexcept { return data_[i]; }
+  /// Element `i`, read-only, unchecked.
   const T& operator[](std::size_t i) const noexcept { return data_[i]; }
   /// Element `i`. @throws std::out_of_range past the end.
   T& at(std::size_t i) {
     check(i);
     return data_[i];
   }
+  /// Element `i`, read-only. @throws std::out_of_range past the end.
   const T& at(std::size_t i) const {
     check(i);
     return data_[i];
@@ -135,12 +142,20 @@ class Array {
   std::size_t size() const noexcept { return size_; }
   /// The elements, as a span over the shared memory.
   std::span<T> span() noexcept { return {data_, size_}; }
+  /// The elements, read-only, as a span over the shared memory.
   std::span<const T> span() const noexcept { return {data_, size_}; }
+  /// A pointer to the first element in the shared memory.
   T* data() noexcept { return data_; }
+  /// A read-only pointer to the first element in the shared memory.
   const T* data() const noexcept { return data_; }
+  /// An iterator on the first element, for range-for and the standard algorithms (takes no
+  /// lock).
   iterator begin() noexcept { return data_; }
+  /// The iterator one past the last element.
   iterator end() noexcept { return data_ + size_; }
+  /// A read-only iterator on the first element.
   const_iterator begin() const noexcept { return data_; }
+  /// The read-only iterator one past the last element.
   const_iterator end() const noexcept { return data_ + size_; }
   /// A copy of the elements read under the lock.
   std::vector<T> to_vector() const {
