@@ -35,6 +35,7 @@
 #include "detail/wire.hpp"
 #include "detail/worker.hpp"
 #include "errors.hpp"
+#include "progress.hpp"
 #include "serialize.hpp"
 
 namespace procpool {
@@ -184,13 +185,16 @@ class ProcSingleJob final : public JobBase {
   SingleOutcome<R, Completions> o_;
 };
 
-template <class R>
+// `Counter` counts each item that ends, for a progress bar (NoItemCounter: none).
+template <class R, class Counter = NoItemCounter>
 class ProcMapJob final : public JobBase {
  public:
   using Outcome = MapOutcome<R, Completions>;
-  ProcMapJob(std::shared_ptr<ResultState<typename Outcome::Vector>> s, std::size_t n)
-      : o_(std::move(s), n) {}
+  ProcMapJob(std::shared_ptr<ResultState<typename Outcome::Vector>> s, std::size_t n,
+             Counter counter = {})
+      : o_(std::move(s), n), counter_(std::move(counter)) {}
   void deliver(std::uint32_t i, ReadArchive& in, Completions& out) override {
+    counter_.add();
     if (o_.done()) {
       (void)decode_result<R>(in);  // step over it
       return;
@@ -198,6 +202,7 @@ class ProcMapJob final : public JobBase {
     o_.set(i, [&] { return decode_result<R>(in); }, out);
   }
   void fail(std::uint32_t i, std::exception_ptr e, Completions& out) override {
+    counter_.add();
     o_.fail(i, e, out);
   }
   bool cancel_job(Completions& out) override { return o_.cancel(out); }
@@ -205,6 +210,7 @@ class ProcMapJob final : public JobBase {
 
  private:
   Outcome o_;
+  [[no_unique_address]] Counter counter_;
 };
 
 template <class R>
@@ -271,7 +277,9 @@ using starmap_result_t =
 
 }  // namespace detail
 
-/// A pool of worker processes.
+/// A pool of worker processes (Python's multiprocessing.Pool: `with Pool(4) as p:` becomes
+/// `procpool::Pool p(4);`, whose destructor closes and joins). pool.hpp tells what workers see
+/// and how a task that throws or a worker that dies is contained.
 class Pool {
  public:
   /// cpu_count() workers.
@@ -290,8 +298,12 @@ class Pool {
   /// close() and join(), unless terminate() was called. Never throws.
   ~Pool() { release(); }
 
+  /// Not copyable: a pool owns its worker processes. Move it instead.
   Pool(const Pool&) = delete;
+  /// Not copy-assignable: a pool owns its worker processes. Move-assign it instead.
   Pool& operator=(const Pool&) = delete;
+  /// Takes over another pool's workers and pending results; the moved-from pool may only be
+  /// destroyed or assigned to.
   Pool(Pool&&) noexcept = default;
   /// Closes and joins this pool first.
   Pool& operator=(Pool&& other) noexcept {
@@ -305,16 +317,17 @@ class Pool {
   /// The number of worker processes.
   std::size_t size() const { return core().size(); }
 
-  /// Runs f(args...) in a worker and waits for its result.
-  /// @throws the task's exception (API.md §8), WorkerLostError, TaskTimeoutError,
-  /// PoolNotRunningError after close().
+  /// Runs f(args...) in a worker and waits for its result (Python's `p.apply(f, (a, b))`).
+  /// @throws the task's exception (see RemoteError for which types keep theirs),
+  /// WorkerLostError, TaskTimeoutError, PoolNotRunningError after close().
   template <class F, class... Args>
   detail::apply_result_t<F, Args...> apply(F f, Args&&... args) {
     return apply_async(std::move(f), std::forward<Args>(args)...).get();
   }
 
-  /// Submits f(args...) and returns at once. Arguments are encoded now (the caller's objects
-  /// may change afterwards).
+  /// Submits f(args...) and returns at once (Python's `p.apply_async`; its `callback` and
+  /// `error_callback` are AsyncResult::on_result and AsyncResult::on_error). Arguments are
+  /// encoded now (the caller's objects may change afterwards).
   /// @throws PoolNotRunningError after close() or terminate().
   template <class F, class... Args>
   AsyncResult<detail::apply_result_t<F, Args...>> apply_async(F f, Args&&... args) {
@@ -339,7 +352,8 @@ class Pool {
     }
   }
 
-  /// f applied to every item, results in input order. Reads the whole input first.
+  /// f applied to every item, results in input order (Python's `p.map(f, xs)`); blocks until
+  /// every item has finished. Reads the whole input first.
   /// chunksize 0 chooses one: ceil(n / (4 × processes)).
   /// @throws the failure of the lowest-indexed failed item (after every item finished);
   /// whatever the input range throws; PoolNotRunningError after close().
@@ -349,7 +363,8 @@ class Pool {
     return detail::take_result(*detail::state_of(r));  // moved out, not copied
   }
 
-  /// As map, returning at once. The whole input has been read when it returns.
+  /// As map, returning at once (Python's `p.map_async`). The whole input has been read when it
+  /// returns.
   template <class F, std::ranges::input_range Range>
   auto map_async(F f, Range&& items, std::size_t chunksize = 0) {
     using Item = std::remove_cvref_t<std::ranges::range_value_t<Range>>;
@@ -358,14 +373,15 @@ class Pool {
                                                          chunksize);
   }
 
-  /// f applied to each tuple's unpacked elements, results in input order.
+  /// f applied to each tuple's unpacked elements, results in input order (Python's
+  /// `p.starmap(f, [(1, 2), (3, 4)])`); blocks and throws as map does.
   template <class F, std::ranges::input_range Range>
   auto starmap(F f, Range&& tuples, std::size_t chunksize = 0) {
     auto r = starmap_async(std::move(f), std::forward<Range>(tuples), chunksize);
     return detail::take_result(*detail::state_of(r));  // moved out, not copied
   }
 
-  /// As starmap, returning at once.
+  /// As starmap, returning at once (Python's `p.starmap_async`).
   template <class F, std::ranges::input_range Range>
   auto starmap_async(F f, Range&& tuples, std::size_t chunksize = 0) {
     using Item = std::remove_cvref_t<std::ranges::range_value_t<Range>>;
@@ -374,29 +390,98 @@ class Pool {
                                                          std::forward<Range>(tuples), chunksize);
   }
 
-  /// Lazily maps f over items, yielding results in input order. The input is read only as
-  /// results are consumed (about 2 × processes chunks ahead), so it may be infinite. An
-  /// lvalue input must outlive the stream.
+  /// As map(f, items), drawing a progress bar (progress.hpp) of the items done as their
+  /// results arrive. `progress.total` defaults to the size of a sized input. The calling
+  /// thread draws while it waits; the bar's final line is written before map returns or throws.
+  /// When the bar would not be drawn (not a terminal, not forced) this is exactly map().
+  template <class F, std::ranges::input_range Range>
+  auto map(F f, Range&& items, Progress progress) {
+    return map(std::move(f), std::forward<Range>(items), 0, std::move(progress));
+  }
+
+  /// As map(f, items, chunksize), drawing a progress bar as map(f, items, progress) does.
+  template <class F, std::ranges::input_range Range>
+  auto map(F f, Range&& items, std::size_t chunksize, Progress progress) {
+    using Item = std::remove_cvref_t<std::ranges::range_value_t<Range>>;
+    using R = detail::map_result_t<F, Range>;
+    return map_with_progress<R, Item, detail::CallMode::single>(
+        std::move(f), std::forward<Range>(items), chunksize, std::move(progress));
+  }
+
+  /// As starmap(f, tuples), drawing a progress bar as map(f, items, progress) does.
+  template <class F, std::ranges::input_range Range>
+  auto starmap(F f, Range&& tuples, Progress progress) {
+    return starmap(std::move(f), std::forward<Range>(tuples), 0, std::move(progress));
+  }
+
+  /// As starmap(f, tuples, chunksize), drawing a progress bar as map(f, items, progress) does.
+  template <class F, std::ranges::input_range Range>
+  auto starmap(F f, Range&& tuples, std::size_t chunksize, Progress progress) {
+    using Item = std::remove_cvref_t<std::ranges::range_value_t<Range>>;
+    using R = detail::starmap_result_t<F, Item>;
+    return map_with_progress<R, Item, detail::CallMode::unpack>(
+        std::move(f), std::forward<Range>(tuples), chunksize, std::move(progress));
+  }
+
+  /// Lazily maps f over items, yielding results in input order (Python's `p.imap`). The input
+  /// is read only as results are consumed (about 2 × processes chunks ahead), so it may be
+  /// infinite. An lvalue input must outlive the stream. Iterating blocks until the next result
+  /// is ready; a failed item rethrows its error there (see ResultStream).
   template <class F, std::ranges::input_range Range>
   auto imap(F f, Range&& items, std::size_t chunksize = 1) {
     return make_stream(std::move(f), std::forward<Range>(items), chunksize, true);
   }
 
-  /// As imap, yielding results as they finish.
+  /// As imap, yielding results as they finish (Python's `p.imap_unordered`).
   template <class F, std::ranges::input_range Range>
   auto imap_unordered(F f, Range&& items, std::size_t chunksize = 1) {
     return make_stream(std::move(f), std::forward<Range>(items), chunksize, false);
   }
 
-  /// No new tasks; submitted ones still run. Workers exit once all work is done.
+  /// As imap(f, items), with a progress bar (progress.hpp) of the results the caller has
+  /// taken. `progress.total` defaults to the size of a sized input. The bar is drawn by the
+  /// thread that iterates (also while it waits), and writes its final line when the stream is
+  /// exhausted or destroyed. When the bar would not be drawn this is exactly imap().
+  template <class F, std::ranges::input_range Range>
+  auto imap(F f, Range&& items, Progress progress) {
+    return imap(std::move(f), std::forward<Range>(items), 1, std::move(progress));
+  }
+
+  /// As imap(f, items, chunksize), with a progress bar as imap(f, items, progress) has.
+  template <class F, std::ranges::input_range Range>
+  auto imap(F f, Range&& items, std::size_t chunksize, Progress progress) {
+    detail::default_total(progress, items);
+    return detail::with_progress(
+        make_stream(std::move(f), std::forward<Range>(items), chunksize, true),
+        std::move(progress));
+  }
+
+  /// As imap_unordered(f, items), with a progress bar as imap(f, items, progress) has.
+  template <class F, std::ranges::input_range Range>
+  auto imap_unordered(F f, Range&& items, Progress progress) {
+    return imap_unordered(std::move(f), std::forward<Range>(items), 1, std::move(progress));
+  }
+
+  /// As imap_unordered(f, items, chunksize), with a progress bar as imap(f, items, progress)
+  /// has.
+  template <class F, std::ranges::input_range Range>
+  auto imap_unordered(F f, Range&& items, std::size_t chunksize, Progress progress) {
+    detail::default_total(progress, items);
+    return detail::with_progress(
+        make_stream(std::move(f), std::forward<Range>(items), chunksize, false),
+        std::move(progress));
+  }
+
+  /// No new tasks; submitted ones still run. Workers exit once all work is done (Python's
+  /// `p.close()`).
   void close() { core().close(); }
 
-  /// Waits for every worker to exit. Only after close() or terminate().
+  /// Waits for every worker to exit (Python's `p.join()`). Only after close() or terminate().
   /// @throws std::logic_error before close()/terminate(), or from a callback of this pool.
   void join() { core().join(); }
 
-  /// Stops the workers now: every unfinished result fails with PoolTerminatedError. Kills and
-  /// reaps every worker before it returns.
+  /// Stops the workers now (Python's `p.terminate()`): every unfinished result fails with
+  /// PoolTerminatedError. Kills and reaps every worker before it returns.
   void terminate() { core().terminate(); }
 
  private:
@@ -443,8 +528,9 @@ class Pool {
     core().submit(job, chunks, false);
   }
 
-  template <class R, class Item, detail::CallMode Mode, class F, class Range>
-  auto submit_map(F f, Range&& items, std::size_t chunksize) {
+  template <class R, class Item, detail::CallMode Mode, class F, class Range,
+            class Counter = detail::NoItemCounter>
+  auto submit_map(F f, Range&& items, std::size_t chunksize, Counter counter = {}) {
     using D = std::decay_t<F>;
     using Vector = typename detail::MapOutcome<R, detail::Completions>::Vector;
     using Result = AsyncResult<std::conditional_t<std::is_void_v<R>, void, std::vector<R>>>;
@@ -457,12 +543,12 @@ class Pool {
         // Count first: the automatic chunk size needs the length.
         std::vector<Item> all;
         for (auto&& x : items) all.push_back(static_cast<Item>(std::forward<decltype(x)>(x)));
-        return submit_map<R, Item, Mode>(std::move(f), all, chunksize);
+        return submit_map<R, Item, Mode>(std::move(f), all, chunksize, std::move(counter));
       } else {
         std::size_t n = static_cast<std::size_t>(std::ranges::size(items));
         std::size_t cs = chunksize ? chunksize : detail::auto_chunksize(n, core().size());
         auto state = std::make_shared<detail::ResultState<Vector>>();
-        auto job = std::make_shared<detail::ProcMapJob<R>>(state, n);
+        auto job = std::make_shared<detail::ProcMapJob<R, Counter>>(state, n, std::move(counter));
         detail::ByteBuffer prefix = detail::chunk_prefix<D, Item, Mode>(f);
         std::vector<std::unique_ptr<detail::Chunk>> chunks;
         chunks.reserve(n / cs + 1);
@@ -491,6 +577,16 @@ class Pool {
         return Result(state);
       }
     }
+  }
+
+  // Without a drawn bar, plain map; else the job counts its items and this thread draws them.
+  template <class R, class Item, detail::CallMode Mode, class F, class Range>
+  auto map_with_progress(F f, Range&& items, std::size_t chunksize, Progress progress) {
+    return detail::map_showing_progress<Item>(
+        std::forward<Range>(items), std::move(progress), [&](auto&& input, auto counter) {
+          return submit_map<R, Item, Mode>(std::move(f), std::forward<decltype(input)>(input),
+                                           chunksize, std::move(counter));
+        });
   }
 
   template <class F, class Range>

@@ -49,6 +49,7 @@
 #include "errors.hpp"
 #include "pool.hpp"  // PoolOptions, and the result types Pool computes
 #include "process.hpp"
+#include "progress.hpp"
 
 namespace procpool {
 namespace detail {
@@ -85,23 +86,30 @@ class ThreadSingleJob final : public ThreadJob {
   SingleOutcome<R, Completions> o_;
 };
 
-template <class R>
+// `Counter` counts each item that ends, for a progress bar (NoItemCounter: none).
+template <class R, class Counter = NoItemCounter>
 class ThreadMapJob final : public ThreadJob {
  public:
   using result_type = R;
   using Outcome = MapOutcome<R, Completions>;
   using Vector = typename Outcome::Vector;
-  ThreadMapJob(std::shared_ptr<ResultState<Vector>> s, std::size_t n) : o_(std::move(s), n) {}
+  ThreadMapJob(std::shared_ptr<ResultState<Vector>> s, std::size_t n, Counter counter = {})
+      : o_(std::move(s), n), counter_(std::move(counter)) {}
   void start(Completions& out) { o_.start(out); }
   void set(std::uint32_t i, Stored<R>&& v, Completions& out) {
+    counter_.add();
     o_.set(i, [&]() -> Stored<R>&& { return std::move(v); }, out);
   }
-  void fail(std::uint32_t i, std::exception_ptr e, Completions& out) { o_.fail(i, e, out); }
+  void fail(std::uint32_t i, std::exception_ptr e, Completions& out) {
+    counter_.add();
+    o_.fail(i, e, out);
+  }
   // Queued chunks are dropped; running ones finish and their results are ignored.
   bool cancel_job(Completions& out) override { return o_.cancel(out); }
 
  private:
   Outcome o_;
+  [[no_unique_address]] Counter counter_;
 };
 
 template <class R>
@@ -272,8 +280,8 @@ inline std::shared_ptr<ThreadPoolCore> make_thread_pool_core(PoolOptions options
 
 }  // namespace detail
 
-/// A pool of worker threads with exactly Pool's interface (see the file comment for what
-/// differs).
+/// A pool of worker threads with exactly Pool's interface (Python's
+/// multiprocessing.pool.ThreadPool); thread_pool.hpp tells what differs.
 class ThreadPool {
  public:
   /// cpu_count() threads.
@@ -296,8 +304,12 @@ class ThreadPool {
   /// detaches its threads; they finish the queued work and leave.
   ~ThreadPool() { release(); }
 
+  /// Not copyable: a pool owns its threads. Move it instead.
   ThreadPool(const ThreadPool&) = delete;
+  /// Not copy-assignable: a pool owns its threads. Move-assign it instead.
   ThreadPool& operator=(const ThreadPool&) = delete;
+  /// Takes over another pool's threads and pending results; the moved-from pool may only be
+  /// destroyed or assigned to.
   ThreadPool(ThreadPool&&) noexcept = default;
   /// Closes and joins this pool first.
   ThreadPool& operator=(ThreadPool&& other) noexcept {
@@ -366,6 +378,39 @@ class ThreadPool {
                                                          std::forward<Range>(tuples), chunksize);
   }
 
+  /// As map(f, items), drawing a progress bar (progress.hpp) of the items done as their
+  /// results arrive. `progress.total` defaults to the size of a sized input. The calling
+  /// thread draws while it waits; the bar's final line is written before map returns or throws.
+  /// When the bar would not be drawn (not a terminal, not forced) this is exactly map().
+  template <class F, std::ranges::input_range Range>
+  auto map(F f, Range&& items, Progress progress) {
+    return map(std::move(f), std::forward<Range>(items), 0, std::move(progress));
+  }
+
+  /// As map(f, items, chunksize), drawing a progress bar as map(f, items, progress) does.
+  template <class F, std::ranges::input_range Range>
+  auto map(F f, Range&& items, std::size_t chunksize, Progress progress) {
+    using Item = std::remove_cvref_t<std::ranges::range_value_t<Range>>;
+    using R = detail::thread_result_t<detail::map_result_t<F, Range>>;
+    return map_with_progress<R, Item, detail::CallMode::single>(
+        std::move(f), std::forward<Range>(items), chunksize, std::move(progress));
+  }
+
+  /// As starmap(f, tuples), drawing a progress bar as map(f, items, progress) does.
+  template <class F, std::ranges::input_range Range>
+  auto starmap(F f, Range&& tuples, Progress progress) {
+    return starmap(std::move(f), std::forward<Range>(tuples), 0, std::move(progress));
+  }
+
+  /// As starmap(f, tuples, chunksize), drawing a progress bar as map(f, items, progress) does.
+  template <class F, std::ranges::input_range Range>
+  auto starmap(F f, Range&& tuples, std::size_t chunksize, Progress progress) {
+    using Item = std::remove_cvref_t<std::ranges::range_value_t<Range>>;
+    using R = detail::thread_result_t<detail::starmap_result_t<F, Item>>;
+    return map_with_progress<R, Item, detail::CallMode::unpack>(
+        std::move(f), std::forward<Range>(tuples), chunksize, std::move(progress));
+  }
+
   /// Lazily maps f over items, yielding results in input order. The input is read only as
   /// results are consumed (about 2 × threads chunks ahead), from the thread that iterates, so
   /// it may be infinite. An lvalue input must outlive the stream.
@@ -378,6 +423,40 @@ class ThreadPool {
   template <class F, std::ranges::input_range Range>
   auto imap_unordered(F f, Range&& items, std::size_t chunksize = 1) {
     return make_stream(std::move(f), std::forward<Range>(items), chunksize, false);
+  }
+
+  /// As imap(f, items), with a progress bar (progress.hpp) of the results the caller has
+  /// taken. `progress.total` defaults to the size of a sized input. The bar is drawn by the
+  /// thread that iterates (also while it waits), and writes its final line when the stream is
+  /// exhausted or destroyed. When the bar would not be drawn this is exactly imap().
+  template <class F, std::ranges::input_range Range>
+  auto imap(F f, Range&& items, Progress progress) {
+    return imap(std::move(f), std::forward<Range>(items), 1, std::move(progress));
+  }
+
+  /// As imap(f, items, chunksize), with a progress bar as imap(f, items, progress) has.
+  template <class F, std::ranges::input_range Range>
+  auto imap(F f, Range&& items, std::size_t chunksize, Progress progress) {
+    detail::default_total(progress, items);
+    return detail::with_progress(
+        make_stream(std::move(f), std::forward<Range>(items), chunksize, true),
+        std::move(progress));
+  }
+
+  /// As imap_unordered(f, items), with a progress bar as imap(f, items, progress) has.
+  template <class F, std::ranges::input_range Range>
+  auto imap_unordered(F f, Range&& items, Progress progress) {
+    return imap_unordered(std::move(f), std::forward<Range>(items), 1, std::move(progress));
+  }
+
+  /// As imap_unordered(f, items, chunksize), with a progress bar as imap(f, items, progress)
+  /// has.
+  template <class F, std::ranges::input_range Range>
+  auto imap_unordered(F f, Range&& items, std::size_t chunksize, Progress progress) {
+    detail::default_total(progress, items);
+    return detail::with_progress(
+        make_stream(std::move(f), std::forward<Range>(items), chunksize, false),
+        std::move(progress));
   }
 
   /// No new tasks; submitted ones still run. Threads exit once all work is done.
@@ -431,10 +510,11 @@ class ThreadPool {
     return state;
   }
 
-  template <class R, class Item, detail::CallMode Mode, class F, class Range>
-  auto submit_map(F f, Range&& items, std::size_t chunksize) {
+  template <class R, class Item, detail::CallMode Mode, class F, class Range,
+            class Counter = detail::NoItemCounter>
+  auto submit_map(F f, Range&& items, std::size_t chunksize, Counter counter = {}) {
     using D = std::decay_t<F>;
-    using Job = detail::ThreadMapJob<R>;
+    using Job = detail::ThreadMapJob<R, Counter>;
     using Chunk = detail::ThreadTaskChunk<Job, D, Item, Mode>;
     static_assert(detail::require_thread_result<R>());
     core().check_running();
@@ -445,12 +525,12 @@ class ThreadPool {
       for (auto&& x : items) all.emplace_back(std::forward<decltype(x)>(x));
       return submit_map<R, Item, Mode>(
           std::move(f), all | std::views::transform([](Item& x) -> Item&& { return std::move(x); }),
-          chunksize);
+          chunksize, std::move(counter));
     } else {
       std::size_t n = static_cast<std::size_t>(std::ranges::size(items));
       std::size_t cs = chunksize ? chunksize : detail::auto_chunksize(n, core().size());
       auto state = std::make_shared<detail::ResultState<typename Job::Vector>>();
-      auto job = std::make_shared<Job>(state, n);
+      auto job = std::make_shared<Job>(state, n, std::move(counter));
       auto callable = std::make_shared<D>(std::move(f));
       std::vector<std::unique_ptr<detail::ThreadChunk>> chunks;
       chunks.reserve(n / cs + 1);
@@ -473,6 +553,16 @@ class ThreadPool {
       core().run_completions(out);
       return AsyncResult<typename Job::Vector>(state);
     }
+  }
+
+  // Without a drawn bar, plain map; else the job counts its items and this thread draws them.
+  template <class R, class Item, detail::CallMode Mode, class F, class Range>
+  auto map_with_progress(F f, Range&& items, std::size_t chunksize, Progress progress) {
+    return detail::map_showing_progress<Item>(
+        std::forward<Range>(items), std::move(progress), [&](auto&& input, auto counter) {
+          return submit_map<R, Item, Mode>(std::move(f), std::forward<decltype(input)>(input),
+                                           chunksize, std::move(counter));
+        });
   }
 
   template <class F, class Range>
