@@ -16,7 +16,8 @@ source cmake/install-deps.sh
 jobs="${PROCPOOL_JOBS:-2}"
 build_dir="build/examples"
 
-procpool_install_packages "${PROCPOOL_PACKAGES_BUILD[@]}"
+# The Redis loader example needs hiredis and a redis-server besides the build's packages.
+procpool_install_packages "${PROCPOOL_PACKAGES_BUILD[@]}" "${PROCPOOL_PACKAGES_REDIS[@]}"
 
 cmake -S . -B "$build_dir" -G Ninja \
   -DCMAKE_BUILD_TYPE=Release \

@@ -269,11 +269,13 @@ stage_docs() {
 packages=("${PROCPOOL_PACKAGES_BUILD[@]}")
 for stage in "${stages[@]}"; do
   case "$stage" in
-    release | asan | tsan) packages+=("${PROCPOOL_PACKAGES_TEST[@]}") ;;
+    # release runs the examples, among them the Redis loader (hiredis and a redis-server).
+    release) packages+=("${PROCPOOL_PACKAGES_TEST[@]}" "${PROCPOOL_PACKAGES_REDIS[@]}") ;;
+    asan | tsan) packages+=("${PROCPOOL_PACKAGES_TEST[@]}") ;;
     fuzz) packages+=("${PROCPOOL_PACKAGES_FUZZ[@]}") ;;
+    docs) packages+=("${PROCPOOL_PACKAGES_DOCS[@]}") ;;
   esac
 done
-    docs) packages+=("${PROCPOOL_PACKAGES_DOCS[@]}") ;;
 if ! procpool_install_packages "${packages[@]}"; then
   echo "run-tests.sh: installing packages failed; trying the stages anyway" >&2
   summary_lines+=("$(printf '%-8s %-8s %s' deps failed 'apt-get could not install the packages')")
