@@ -4,6 +4,11 @@
 /// so `catch (const procpool::Error&)` catches everything procpool reports about processes,
 /// messages and tasks, while misuse (a call in the wrong state) is a std::logic_error.
 
+// Every public header includes this one, so this is the first thing a C++17 build reports.
+#if __cplusplus < 202002L
+#error "procpool needs C++20: compile with -std=c++20 (or link the CMake target procpool::procpool, which asks for it)"
+#endif
+
 #include <sys/types.h>
 
 #include <cstddef>
@@ -15,16 +20,19 @@
 
 namespace procpool {
 
-/// The base of every procpool error.
+/// The base of every procpool error. Constructed from a message, as std::runtime_error is;
+/// each error below that declares no constructor of its own takes the same message argument.
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
 
-/// A wait with a time limit (`get(t)`, `next(t)`) ran out of time; the awaited work goes on.
+/// A wait with a time limit (`get(t)`, `next(t)`) ran out of time; the awaited work goes on
+/// (Python's multiprocessing.TimeoutError).
 class TimeoutError : public Error {
  public:
   using Error::Error;
+  /// An error with the message "procpool: timed out".
   TimeoutError() : Error("procpool: timed out") {}
 };
 
@@ -67,7 +75,7 @@ class PoolTerminatedError : public Error {
   using Error::Error;
 };
 
-/// get() on a result that was cancelled.
+/// Thrown by get() on a result that was cancelled.
 class CancelledError : public Error {
  public:
   using Error::Error;
@@ -75,8 +83,16 @@ class CancelledError : public Error {
 
 /// A task threw an exception of a type that cannot be rebuilt in the parent.
 /// what() is the exception's message; type_name() its demangled dynamic type.
+///
+/// A task's exception crosses back from a worker process as itself (same type, same message)
+/// when its dynamic type is exactly one of std::runtime_error, std::logic_error,
+/// std::invalid_argument, std::out_of_range, std::domain_error, std::length_error,
+/// std::range_error, std::overflow_error, std::underflow_error or std::bad_alloc. Any other
+/// type, a derived one such as std::system_error, procpool's own errors or `throw 42`, arrives
+/// as a RemoteError. (A ThreadPool task's exception is passed on unchanged.)
 class RemoteError : public Error {
  public:
+  /// An error for an exception of type `type_name` whose message was `what`.
   RemoteError(std::string type_name, const std::string& what)
       : Error(what), type_name_(std::move(type_name)) {}
   /// The demangled name of the exception's dynamic type, e.g. "std::system_error" or "int".
@@ -92,15 +108,18 @@ class ProtocolError : public Error {
   using Error::Error;
 };
 
-/// The other end of a Connection closed and no message is left.
+/// The other end of a Connection closed and no message is left (Python's EOFError from
+/// `conn.recv()`).
 class EOFError : public Error {
  public:
   using Error::Error;
 };
 
-/// recv_bytes_into() got a message larger than the buffer; the whole message is in message().
+/// Connection::recv_bytes_into() got a message larger than the buffer; the whole message is in
+/// message() (Python's multiprocessing.BufferTooShort).
 class BufferTooShortError : public Error {
  public:
+  /// An error carrying the whole `message` that did not fit, with the text `what`.
   BufferTooShortError(std::vector<std::byte> message, const std::string& what)
       : Error(what), message_(std::move(message)) {}
   /// The whole message that did not fit (it has been consumed from the connection).
@@ -110,21 +129,24 @@ class BufferTooShortError : public Error {
   std::vector<std::byte> message_;
 };
 
-/// A queue get timed out or a get_nowait found nothing.
+/// A queue get timed out or a get_nowait found nothing (Python's queue.Empty).
 class Empty : public Error {
  public:
   using Error::Error;
+  /// An error with the message "procpool: queue is empty".
   Empty() : Error("procpool: queue is empty") {}
 };
 
-/// A queue put timed out or a put_nowait found no room.
+/// A queue put timed out or a put_nowait found no room (Python's queue.Full).
 class Full : public Error {
  public:
   using Error::Error;
+  /// An error with the message "procpool: queue is full".
   Full() : Error("procpool: queue is full") {}
 };
 
-/// A Barrier was aborted, or broken by a timeout, while or before this process waited.
+/// A Barrier was aborted, or broken by a timeout, while or before this process waited
+/// (Python's threading.BrokenBarrierError).
 class BrokenBarrierError : public Error {
  public:
   using Error::Error;

@@ -22,6 +22,8 @@
 /// One thing is out of reach: if the target calls exit(), glibc runs the destructors of the
 /// forking thread's thread_local objects before any exit handler, so those run in the child.
 
+#include "errors.hpp"  // first: its C++20 check is the first thing a C++17 build reports
+
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -158,7 +160,8 @@ inline int pidfd_open(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_o
 
 }  // namespace detail
 
-/// A child process running a function, or a subclass's run().
+/// A child process running a function, or a subclass's run() (Python's multiprocessing.Process:
+/// `Process(target=f, args=("bob",))` is `Process(f, std::string("bob"))`).
 class Process {
  public:
   /// A process whose run() a subclass overrides.
@@ -176,9 +179,14 @@ class Process {
     };
   }
 
+  /// Takes over another Process object and its child, if started (to keep processes in a
+  /// std::vector, say). The moved-from object may only be destroyed.
   Process(Process&&) noexcept = default;
+  /// Not assignable: a Process object stands for one child process for its whole life.
   Process& operator=(Process&&) = delete;
+  /// Not copyable: a Process object stands for one child process.
   Process(const Process&) = delete;
+  /// Not assignable: a Process object stands for one child process for its whole life.
   Process& operator=(const Process&) = delete;
 
   /// Joins a started, unjoined child (a daemon one is sent SIGTERM first, then SIGKILL if it
