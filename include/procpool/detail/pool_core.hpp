@@ -686,10 +686,8 @@ class PoolCore final : public ResultOwner, public std::enable_shared_from_this<P
       } else if (type == Msg::shared && on_channel) {
         std::uint64_t bytes;
         body(bytes);
-        if (w.fds.empty()) throw ProtocolError("procpool: a shared block came without its memfd");
         if (!w.received) w.received = std::make_unique<ReceivedBlocks>();
-        ReceivedBlocks::Lease block = w.received->open(w.fds.front().release(), bytes);
-        w.fds.pop_front();
+        ReceivedBlocks::Lease block = w.received->open_next(w.fds, bytes);
         if (parse_messages(w, block.data(), block.size(), false, out) != block.size()) {
           throw ProtocolError("procpool: a shared block ends inside a message");
         }

@@ -24,12 +24,14 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <mutex>
 #include <new>
 #include <utility>
 #include <vector>
 
 #include "../errors.hpp"
+#include "posix.hpp"
 
 namespace procpool::detail {
 
@@ -272,6 +274,15 @@ class ReceivedBlocks {
     mapped_ += bytes;
     trim();
     return lease(entries_.back(), size);
+  }
+
+  /// open() for the next `shared` stub of a channel: its memfd is the oldest of those received
+  /// (`fds`, in arrival order). @throws ProtocolError if none arrived.
+  Lease open_next(std::deque<unique_fd>& fds, std::size_t size) {
+    if (fds.empty()) throw ProtocolError("procpool: a shared block came without its memfd");
+    int fd = fds.front().release();
+    fds.pop_front();
+    return open(fd, size);
   }
 
   void clear() noexcept {

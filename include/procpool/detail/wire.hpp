@@ -55,7 +55,10 @@ class ByteBuffer {
     swap(tmp);
     return *this;
   }
-  ~ByteBuffer() { SharedBlockCache::instance().release(std::move(block_)); }
+  ~ByteBuffer() {
+    // Only a buffer that holds a block touches the cache (and its mutex): most never do.
+    if (block_) SharedBlockCache::instance().release(std::move(block_));
+  }
 
   void swap(ByteBuffer& o) noexcept {
     data_.swap(o.data_);

@@ -514,9 +514,7 @@ struct WorkerConfig {
       if (type == Msg::shared) {
         std::uint64_t bytes;
         body(bytes);
-        if (fds.empty()) throw ProtocolError("procpool: a shared block came without its memfd");
-        block = received.open(fds.front().release(), bytes);
-        fds.pop_front();
+        block = received.open_next(fds, bytes);
         if (block.size() < header_size) throw ProtocolError("procpool: a shared block is empty");
         msg = block.data();
         std::memcpy(&len, msg, sizeof len);
